@@ -1,0 +1,5 @@
+import sys
+
+from xenstream.convert.cli import main
+
+sys.exit(main())

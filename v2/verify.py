@@ -1,0 +1,218 @@
+"""The strict verifier: a state machine fed with V2Reader events, independent of any I/O.
+
+    verifier = Verifier(fmt="auto")
+    for event in events:                 # from V2Reader (views or passthrough mode)
+        verifier.feed_event(event)
+    report = verifier.finish()           # Report: .ok, .errors, .warnings (Finding, one line each)
+
+A StreamError from the reader means the stream cannot be followed any further: hand it to
+`verifier.stream_error(exc)` (one error finding) and call `finish()`. Rule findings (legality per guest
+type and version, phases, STATIC_DATA_END, mandatory records, pfn ranges, vcpus, checkpoints) are all
+collected, up to the report's cap.
+
+`verify_fd(fd, fmt)` / `verify_path(path, fmt)` drive a passthrough reader over an fd: page payloads are
+read into one reused buffer and never handed to the reader, so memory stays flat whatever the size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from xenstream.v2 import constants as C
+from xenstream.v2.errors import StreamError
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
+from xenstream.v2.libxl_records import LibxlHeader
+from xenstream.v2.reader import V2Reader
+from xenstream.v2.records import DomainHeader, ImageHeader
+from xenstream.v2.verify_libxc import GUEST_NAMES, LibxcRules
+from xenstream.v2.verify_libxl import LibxlRules, check_xl_header
+from xenstream.v2.verify_report import DEFAULT_FINDING_CAP, ERROR, Finding, Report
+from xenstream.v2.xl_header import XlHeader
+
+FORMATS = ("auto", "libxc", "libxl", "xl")
+_HEADER_LAYERS = {XlHeader: "xl", LibxlHeader: "libxl", ImageHeader: "libxc", DomainHeader: "libxc"}
+
+
+@attrs.define
+class Verifier:
+    """fmt: what the stream must start with ("auto": whatever it is). checkpointed: None lets a CHECKPOINT
+    record declare it; False makes CHECKPOINT an error; True accepts a stream ending at a checkpoint.
+    max_vcpus: the target domain's vcpu count, when known (vcpu ids must be below it)."""
+
+    fmt: str = "auto"
+    checkpointed: bool | None = None
+    max_vcpus: int | None = None
+    cap: int = DEFAULT_FINDING_CAP
+    report: Report = attrs.field(init=False)
+    libxc: LibxcRules = attrs.field(init=False)
+    libxl: LibxlRules = attrs.field(init=False)
+    layer: str | None = attrs.field(init=False, default=None)  # layer of the last element seen
+    next_index: dict = attrs.field(init=False, factory=lambda: {"libxc": 0, "libxl": 0})
+    finished: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self):
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}")
+        self.report = Report(cap=self.cap)
+        self.libxc = LibxcRules(report=self._reporter("libxc"), checkpointed=self.checkpointed, max_vcpus=self.max_vcpus)
+        self.libxl = LibxlRules(report=self._reporter("libxl"))
+
+    def _reporter(self, layer: str):
+        def report(severity, offset, index, record, message):
+            self.report.add(Finding(severity, offset, layer, index, record, message))
+        return report
+
+    # ---- input ---------------------------------------------------------------------------------
+
+    def feed_event(self, event) -> None:
+        self._DISPATCH[type(event)](self, event)
+
+    def stream_error(self, exc: StreamError) -> None:
+        """The reader gave up: one finding naming where, then nothing more can be checked."""
+        layer = self.layer or (None if self.fmt == "auto" else self.fmt)
+        index = self.next_index.get(layer) if layer in self.next_index else None
+        self.report.broken = True
+        self.report.add(Finding(ERROR, exc.offset, layer, index, "next record" if index is not None else "stream", exc.message))
+
+    def finish(self, trailing_bytes: int = 0, offset: int | None = None) -> Report:
+        """The verdict. `trailing_bytes`: input seen after the outermost END (`offset`: where it began)."""
+        if not self.finished:
+            self.finished = True
+            if trailing_bytes and not self.report.broken:
+                self.report.add(Finding(ERROR, offset, self.layer, None, "end of input",
+                                        f"{trailing_bytes} bytes after the end of the stream"))
+        self.report.checkpoints = self.libxc.checkpoints
+        return self.report
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def _header(self, event: Header) -> None:
+        header = event.header
+        layer = _HEADER_LAYERS[type(header)]
+        if self.layer is None:
+            self.report.format = layer
+            if self.fmt not in ("auto", layer):
+                self.report.add(Finding(ERROR, event.offset, layer, None, "header",
+                                        f"a {layer} stream where a {self.fmt} stream was expected"))
+        self.layer = layer
+        if isinstance(header, XlHeader):
+            check_xl_header(event.offset, header, self._reporter("xl"))
+        elif isinstance(header, LibxlHeader):
+            self.libxl.header(event.offset, header)
+        elif isinstance(header, ImageHeader):
+            self.report.version = header.version
+            self.libxc.image_header(event.offset, header)
+        else:
+            self.report.guest_type = GUEST_NAMES.get(header.guest_type)
+            self.libxc.domain_header(event.offset, header)
+            self.libxl.guest = header.guest_type
+
+    def _libxc_record(self, event: LibxcRecord) -> None:
+        self._count("libxc", event.index)
+        self.libxc.record(event.offset, event.index, event.type, event.length, event.body)
+        if event.type == C.REC_CHECKPOINT:
+            self.libxl.libxc_checkpoint()
+
+    def _skipped(self, event: SkippedRecord) -> None:
+        self._count("libxc", event.index)
+        self.libxc.record(event.offset, event.index, event.type, event.length, None)
+
+    def _libxl_record(self, event: LibxlRecord) -> None:
+        self._count("libxl", event.index)
+        self.libxl.record(event.offset, event.index, event.type, event.length, event.body)
+
+    def _count(self, layer: str, index: int) -> None:
+        self.layer = layer
+        self.next_index[layer] = index + 1
+        self.report.records += 1
+
+    def _payload(self, event: PagePayload) -> None:
+        pass  # page contents carry nothing the rules look at
+
+    def _end_of_stream(self, event: EndOfStream) -> None:
+        self.report.bytes_read = event.offset
+        if not event.complete:  # input ended cleanly at a checkpoint boundary
+            if self.libxc.checkpointed is False:
+                self.report.add(Finding(ERROR, event.offset, self.layer, None, "end of input",
+                                        "input ends after a checkpoint, without END, in a stream that is not checkpointed"))
+
+    _DISPATCH = {
+        Header: _header,
+        LibxcRecord: _libxc_record,
+        SkippedRecord: _skipped,
+        LibxlRecord: _libxl_record,
+        PagePayload: _payload,
+        EndOfStream: _end_of_stream,
+    }
+
+
+# ---- driving a reader over an fd ---------------------------------------------------------------
+
+HEAD_READ = 64 << 10  # records other than page payloads are small: read little, feed little
+PAYLOAD_READ = 1 << 20
+
+
+def verify_fd(fd: int, fmt: str = "auto", *, checkpointed: bool | None = None, colo: bool = False,
+              max_vcpus: int | None = None, trailing: bool = True, cap: int = DEFAULT_FINDING_CAP) -> Report:
+    """Verify the stream read from fd. trailing: after the outermost END, read on to the end of input
+    and report any bytes found (False stops at END, as Xen's verifier does, e.g. on a live socket)."""
+    reader = V2Reader(layer=fmt, payload="passthrough", strict=True, colo=colo)
+    verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, cap=cap)
+    scratch = bytearray(PAYLOAD_READ)
+    view = memoryview(scratch)
+    try:
+        while True:
+            if reader.payload_remaining:
+                reader.take_payload()
+                while reader.payload_remaining:
+                    got = os.readv(fd, [view[: min(reader.payload_remaining, PAYLOAD_READ)]])
+                    if not got:
+                        reader.feed(b"")
+                        break
+                    reader.payload_consumed(got)
+            event = reader.next_event()
+            if event is NEED_DATA:
+                got = os.readv(fd, [view[:HEAD_READ]])
+                reader.feed(view[:got] if got else b"")
+                continue
+            verifier.feed_event(event)
+            if isinstance(event, EndOfStream):
+                break
+    except StreamError as exc:
+        verifier.stream_error(exc)
+        return verifier.finish()
+    end = reader.offset
+    if trailing and event.complete:
+        while not reader.at_eof:
+            got = os.readv(fd, [view])
+            reader.feed(view[:got] if got else b"")
+    return verifier.finish(reader.trailing_bytes, end)
+
+
+def verify_path(path: str | os.PathLike, fmt: str = "auto", **options) -> Report:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return verify_fd(fd, fmt, **options)
+    finally:
+        os.close(fd)
+
+
+def verify_bytes(data: bytes, fmt: str = "auto", *, checkpointed: bool | None = None, colo: bool = False,
+                 max_vcpus: int | None = None, cap: int = DEFAULT_FINDING_CAP) -> Report:
+    """Verify a stream held in memory (tests, small inputs): the same reader and verifier, views mode."""
+    reader = V2Reader(layer=fmt, payload="views", strict=True, colo=colo)
+    verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, cap=cap)
+    reader.feed(data)
+    reader.feed(b"")
+    try:
+        while True:
+            event = reader.next_event()
+            verifier.feed_event(event)
+            if isinstance(event, EndOfStream):
+                break
+    except StreamError as exc:
+        verifier.stream_error(exc)
+        return verifier.finish()
+    return verifier.finish(reader.trailing_bytes, event.offset)

@@ -17,21 +17,35 @@ read into one reused buffer and never handed to the reader, so memory stays flat
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import attrs
 
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import StreamError
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
-from xenstream.v2.libxl_records import LibxlHeader
+from xenstream.v2.libxl_records import LIBXL_RECORD_NAMES, LibxlHeader, libxl_record_name
 from xenstream.v2.reader import V2Reader
-from xenstream.v2.records import DomainHeader, ImageHeader
+from xenstream.v2.records import LIBXC_RECORD_NAMES, DomainHeader, ImageHeader, libxc_record_name
 from xenstream.v2.verify_libxc import GUEST_NAMES, LibxcRules
 from xenstream.v2.verify_libxl import LibxlRules, check_xl_header
 from xenstream.v2.verify_report import DEFAULT_FINDING_CAP, ERROR, Finding, Report
 from xenstream.v2.xl_header import XlHeader
 
 FORMATS = ("auto", "libxc", "libxl", "xl")
+# Longest first, so that "X86_PV_VCPU_BASIC" wins over "END" when both occur in a message.
+_RECORD_NAMES = {layer: sorted(names.values(), key=len, reverse=True)
+                 for layer, names in (("libxc", LIBXC_RECORD_NAMES), ("libxl", LIBXL_RECORD_NAMES))}
+
+
+def _named_record(message: str, layer: str | None) -> str | None:
+    """The record a reader message is about: it starts with the name or says "<layer> <NAME> record"."""
+    for name in _RECORD_NAMES.get(layer, ()):
+        if message.startswith(name) or f"{layer} {name} record" in message:
+            return name
+    return None
+
+
 _HEADER_LAYERS = {XlHeader: "xl", LibxlHeader: "libxl", ImageHeader: "libxc", DomainHeader: "libxc"}
 
 
@@ -51,6 +65,7 @@ class Verifier:
     layer: str | None = attrs.field(init=False, default=None)  # layer of the last element seen
     next_index: dict = attrs.field(init=False, factory=lambda: {"libxc": 0, "libxl": 0})
     finished: bool = attrs.field(init=False, default=False)
+    last_record: tuple = attrs.field(init=False, default=(None, None, None, None))  # offset, layer, index, name
 
     def __attrs_post_init__(self):
         if self.fmt not in FORMATS:
@@ -71,10 +86,14 @@ class Verifier:
 
     def stream_error(self, exc: StreamError) -> None:
         """The reader gave up: one finding naming where, then nothing more can be checked."""
-        layer = self.layer or (None if self.fmt == "auto" else self.fmt)
-        index = self.next_index.get(layer) if layer in self.next_index else None
         self.report.broken = True
-        self.report.add(Finding(ERROR, exc.offset, layer, index, "next record" if index is not None else "stream", exc.message))
+        last_offset, layer, index, record = self.last_record
+        if exc.offset != last_offset or layer is None:
+            # The reader fails before it emits the record's event: name the record from the message.
+            layer = self.layer or (None if self.fmt == "auto" else self.fmt)
+            index = self.next_index.get(layer)
+            record = _named_record(exc.message, layer) or ("record" if index is not None else "stream")
+        self.report.add(Finding(ERROR, exc.offset, layer, index, record, exc.message))
 
     def finish(self, trailing_bytes: int = 0, offset: int | None = None) -> Report:
         """The verdict. `trailing_bytes`: input seen after the outermost END (`offset`: where it began)."""
@@ -111,6 +130,7 @@ class Verifier:
 
     def _libxc_record(self, event: LibxcRecord) -> None:
         self._count("libxc", event.index)
+        self.last_record = (event.offset, "libxc", event.index, libxc_record_name(event.type))
         self.libxc.record(event.offset, event.index, event.type, event.length, event.body)
         if event.type == C.REC_CHECKPOINT:
             self.libxl.libxc_checkpoint()
@@ -121,6 +141,7 @@ class Verifier:
 
     def _libxl_record(self, event: LibxlRecord) -> None:
         self._count("libxl", event.index)
+        self.last_record = (event.offset, "libxl", event.index, libxl_record_name(event.type))
         self.libxl.record(event.offset, event.index, event.type, event.length, event.body)
 
     def _count(self, layer: str, index: int) -> None:
@@ -155,9 +176,11 @@ PAYLOAD_READ = 1 << 20
 
 
 def verify_fd(fd: int, fmt: str = "auto", *, checkpointed: bool | None = None, colo: bool = False,
-              max_vcpus: int | None = None, trailing: bool = True, cap: int = DEFAULT_FINDING_CAP) -> Report:
+              max_vcpus: int | None = None, trailing: bool = True, cap: int = DEFAULT_FINDING_CAP,
+              observer: Callable[[object], None] | None = None) -> Report:
     """Verify the stream read from fd. trailing: after the outermost END, read on to the end of input
-    and report any bytes found (False stops at END, as Xen's verifier does, e.g. on a live socket)."""
+    and report any bytes found (False stops at END, as Xen's verifier does, e.g. on a live socket).
+    observer: called with every event before the verifier sees it (e.g. to print a summary)."""
     reader = V2Reader(layer=fmt, payload="passthrough", strict=True, colo=colo)
     verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, cap=cap)
     scratch = bytearray(PAYLOAD_READ)
@@ -177,6 +200,8 @@ def verify_fd(fd: int, fmt: str = "auto", *, checkpointed: bool | None = None, c
                 got = os.readv(fd, [view[:HEAD_READ]])
                 reader.feed(view[:got] if got else b"")
                 continue
+            if observer is not None:
+                observer(event)
             verifier.feed_event(event)
             if isinstance(event, EndOfStream):
                 break

@@ -159,7 +159,7 @@ class _HvmGuest:
         self.p2m_size = options.pages + options.holes
         holes = set(VGA_HOLE) if self.p2m_size > VGA_HOLE.stop + options.holes else set()
         self.p2m_size += len(holes)
-        candidates = [pfn for pfn in range(1, self.p2m_size - 8) if pfn not in holes]
+        candidates = [pfn for pfn in range(1, self.p2m_size - 6) if pfn not in holes]
         holes.update(rng.sample(candidates, options.holes))
         self.holes = holes
         top = self.p2m_size

@@ -41,10 +41,10 @@ ENTRIES = 512
 PAE_LOWMEM_L2_SLOTS = 428  # (0xF5800000 >> 21) & 511: where Xen's compat area starts in the top L2
 COMPAT_M2P_SLOTS = 4
 DIRECT_MAP_L4_SLOT = 272  # 0xffff880000000000, right above Xen's reserved slots 256 ... 271
-USER_MAPPED_PAGES = 4
+USER_MAPPED_PAGES = 2
 VGCF_I387_VALID, VGCF_IN_KERNEL, VGCF_ONLINE = 1 << 0, 1 << 2, 1 << 5
 VMASST_WRITABLE_PAGETABLES, VMASST_PAE_EXTENDED_CR3 = 1 << 2, 1 << 3
-KERNEL_TEXT_PAGES = 4
+KERNEL_TEXT_PAGES = 2
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -123,3 +123,13 @@ XENOPS_MAGIC = b"XenSavedDomain\n"
 
 V2_LIBXL_MAGIC = b"LibxlFmt"
 V2_LIBXC_MARKER = b"\xff" * 8 + b"XENF"
+
+# --- sanity bounds: no allocation is sized by a field before it passes one of these ---------------
+MAX_EXTENDED_INFO_TOTAL = 1 << 20  # real blocks total 0x144C at most
+MAX_XSAVE_RECORD = 1 << 16  # 16-byte header + XSAVE area (AVX-512 needs under 3 KiB)
+MAX_HVM_CONTEXT = 16 << 20  # hvm save records of a few hundred vcpus fit in well under this
+MAX_TOOLSTACK = 16 << 20  # libxl physmap entries: tens of bytes each
+MAX_WRAPPER_DATA = 16 << 20  # xl optional data, xend / libvirt config
+# The saver compresses straight into its 16 MiB output buffer (OUTBUF_SIZE), one chunk at a time.
+MAX_COMPRESSED_CHUNK = 16 << 20
+DEVICE_MODEL_PIECE = 1 << 20  # qemu state comes out in pieces of this size, whatever the feeding

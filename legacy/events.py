@@ -381,11 +381,15 @@ class PhysmapEntry:
 
 @attrs.frozen
 class LibxlToolstack:
-    """The libxl TOOLSTACK blob decoded: version 1, count, entries; ``width`` = layout used (32/64)."""
+    """The libxl TOOLSTACK blob decoded: version 1, count, entries; ``width`` = layout used (32/64).
+
+    ``trailing``: bytes after the last entry (none in what libxl writes; its restorer ignores them).
+    """
 
     version: int
     entries: tuple[PhysmapEntry, ...]
     width: int
+    trailing: bytes = b""
 
 
 @attrs.frozen

@@ -1,0 +1,223 @@
+"""One migration stream through `xenstream serve`: read the source, convert, write the destination.
+
+Runs in its own thread with blocking sockets, which is what gives backpressure end to end: while a
+write to the destination blocks, nothing is read from the source, its socket buffer fills and TCP
+stops the sender. Memory per stream is one read buffer plus what the conversion may hold (bounded).
+
+Failure semantics: any failure ends the stream with `sink.abort()`, so the destination never receives
+the final END of a stream that did not arrive complete and valid; the source is always closed. A
+failure is confined to its own connection and logged once, with the stream offset when it is a bad
+stream.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import traceback
+
+import structlog
+
+from xenstream.convert.edge import STREAM_ERRORS
+from xenstream.convert.service_sink import DestinationError, open_sink
+from xenstream.convert.service_stream import classify
+
+
+class SourceError(Exception):
+    """The source misbehaved at the transport level; `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Aborted(Exception):
+    """The service is shutting down and the grace period is over."""
+
+
+class SourceReader:
+    """Reads from the source with an idle timeout, an optional deadline, and a minimum-rate guard.
+
+    The rate guard only counts time spent waiting for the source: a source slowed down by a slow
+    destination (backpressure) is never punished, a source trickling bytes (slow-loris) is.
+    """
+
+    def __init__(self, sock: socket.socket, timeouts):
+        self._sock = sock
+        self._timeouts = timeouts
+        self._window_wait = 0.0
+        self._window_bytes = 0
+
+    def read_into(self, view: memoryview, deadline: float | None = None, what: str = "data") -> int:
+        timeout = self._timeouts.idle
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise SourceError("timeout", f"no complete {what} within {self._timeouts.header:g}s")
+        self._sock.settimeout(timeout)
+        started = time.monotonic()
+        try:
+            got = self._sock.recv_into(view)
+        except TimeoutError:
+            raise SourceError("timeout", f"source sent no {what} for {timeout:.3g}s") from None
+        except OSError as exc:
+            raise SourceError("reset", f"reading the source: {exc.strerror or exc}") from None
+        self._window_wait += time.monotonic() - started
+        self._window_bytes += got
+        if self._window_wait >= self._timeouts.rate_window:
+            rate = self._window_bytes / self._window_wait
+            if rate < self._timeouts.min_rate:
+                raise SourceError("slow", f"source sends {rate:.0f} bytes/s, below the {self._timeouts.min_rate:g} minimum")
+            self._window_wait, self._window_bytes = 0.0, 0
+        return got
+
+
+class Connection:
+    def __init__(self, *, ident: int, listener, sock: socket.socket, peer: str, config, metrics, conversions):
+        self.ident = ident
+        self.listener = listener
+        self._sock = sock
+        self.peer = peer
+        self._config = config
+        self._metrics = metrics
+        self._conversions = conversions  # classify result -> factory(listener, config) -> StreamConversion
+        self._sink = None
+        self.conversion = None
+        self.destination: str | None = None
+        self._aborted = threading.Event()
+        self._sink_lock = threading.Lock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._log = structlog.get_logger("xenstream.serve").bind(conn=ident, listener=listener.name, peer=peer)
+
+    # ---- control from the service thread ----------------------------------------------------------
+
+    def abort(self) -> None:
+        """Shutdown deadline: make the worker fail at its next (or current) blocking call."""
+        self._aborted.set()
+        for action in (lambda: self._sock.shutdown(socket.SHUT_RDWR), self._interrupt_sink):
+            try:
+                action()
+            except OSError:
+                pass
+
+    def _interrupt_sink(self) -> None:
+        with self._sink_lock:
+            if self._sink is not None:
+                self._sink.interrupt()
+
+    # ---- the worker ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        started = time.monotonic()
+        fields: dict = {}
+        result = "ok"
+        try:
+            self._pump(started)
+        except STREAM_ERRORS as exc:
+            result = "bad_stream"
+            fields = {"error": exc.message, "offset": exc.offset}
+        except SourceError as exc:
+            result = f"source_{exc.reason}"
+            fields = {"error": str(exc)}
+        except DestinationError as exc:
+            result = f"destination_{exc.reason}"
+            fields = {"error": str(exc)}
+        except Aborted:
+            result = "aborted"
+        except Exception as exc:  # our bug: confined to this stream, reported in full
+            result = "internal_error"
+            fields = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        finally:
+            if result != "ok":
+                self._abort_sink()
+            self._sock.close()
+        if self._aborted.is_set() and result != "ok":
+            result = "aborted"
+        self._report(result, fields, self.conversion, time.monotonic() - started)
+
+    def _pump(self, started: float):
+        timeouts = self._config.timeouts
+        source = SourceReader(self._sock, timeouts)
+        buffer = memoryview(bytearray(self._config.buffer_size))
+
+        head = bytearray()
+        deadline = started + timeouts.header
+        kind = None
+        while kind is None:
+            got = source.read_into(buffer, deadline, "stream header")
+            self._count_in(got)
+            head += buffer[:got]
+            kind = classify(head, at_eof=not got)
+        conversion = self.conversion = self._conversions[kind](self.listener, self._config)
+        self._log.debug("detected", kind=kind)
+        self._write(conversion, conversion.feed(memoryview(head)))
+        del head
+
+        while got:
+            self._check_aborted()
+            got = source.read_into(buffer)
+            if not got:
+                break
+            self._count_in(got)
+            self._write(conversion, conversion.feed(buffer[:got]))
+        self._write(conversion, conversion.finish())
+        self._check_aborted()
+        self._open_sink(conversion)
+        self.destination = self._sink.commit()
+
+    def _check_aborted(self) -> None:
+        if self._aborted.is_set():
+            raise Aborted()
+
+    def _count_in(self, got: int) -> None:
+        self.bytes_in += got
+        self._metrics.add("xenstream_bytes_in_total", got, listener=self.listener.name)
+
+    def _open_sink(self, conversion) -> None:
+        if self._sink is None:
+            sink = open_sink(self.listener.destination, listener=self.listener.name, connection=self.ident,
+                             suffix=conversion.suffix, timeouts=self._config.timeouts)
+            with self._sink_lock:
+                self._sink = sink
+            if self._aborted.is_set():
+                sink.interrupt()
+
+    def _write(self, conversion, buffers: list) -> None:
+        size = sum(len(b) for b in buffers)
+        if not size:
+            return
+        self._check_aborted()
+        self._open_sink(conversion)
+        self._sink.write(buffers)
+        self.bytes_out += size
+        self._metrics.add("xenstream_bytes_out_total", size, listener=self.listener.name)
+
+    def _abort_sink(self) -> None:
+        with self._sink_lock:
+            sink, self._sink = self._sink, None
+        if sink is not None:
+            try:
+                sink.abort()
+            except OSError as exc:
+                self._log.warning("closing the destination failed", error=str(exc))
+
+    def _report(self, result: str, fields: dict, conversion, seconds: float) -> None:
+        name = self.listener.name
+        variant = conversion.variant if conversion is not None else "unknown"
+        pages = conversion.pages if conversion is not None else 0
+        metrics = self._metrics
+        metrics.add("xenstream_pages_total", pages, listener=name)
+        metrics.add("xenstream_streams_total", variant=variant, result=result)
+        metrics.observe_duration(seconds, listener=name)
+        if result != "ok":
+            metrics.add("xenstream_connections_failed_total", listener=name, reason=result)
+        summary = dict(variant=variant, bytes_in=self.bytes_in, bytes_out=self.bytes_out, pages=pages,
+                       duration=round(seconds, 6), result=result)
+        if result == "ok":
+            self._log.info("stream done", destination=self.destination, **summary)
+        elif result == "internal_error":
+            self._log.error("stream failed", **summary, **fields)
+        else:
+            self._log.warning("stream failed", **summary, **fields)

@@ -1,0 +1,187 @@
+"""The conversion core of `xenstream serve`: bytes of one stream in, bytes for the destination out.
+
+Every stream gets a `StreamConversion`, chosen from its first bytes by `classify` (spec legacy 10.1,
+v2 2.3/4.1): a v1 stream is converted to v2 as it arrives, a v2 stream is passed through unchanged while
+the strict reader and verifier follow it. Both obey one contract:
+
+* ``feed(data) -> list of buffers``: the output that may leave now. The buffers may be views of `data`
+  or of internal state and are valid until the next call; the caller writes them before feeding again.
+* ``finish() -> list of buffers``: at end of input. Returns the rest, including the final END, only when
+  the whole input was a complete valid stream; otherwise raises a StreamError (legacy or v2 family)
+  with the offset, and the destination has never been given an END that would make it look complete.
+* ``pages``: guest pages carried so far; ``variant``: what was detected, for logs and metrics;
+  ``suffix``: a file name suffix for the output's layer.
+
+Memory is bounded per stream: nothing holds more than `max_buffered` bytes of input that have not been
+passed on (a record too large for that is refused), and page payloads are never accumulated.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from xenstream.v2 import constants as V2
+from xenstream.v2.errors import MalformedStream as V2Malformed
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord
+from xenstream.v2.reader import V2Reader
+from xenstream.v2.verify import Verifier
+
+CLASSIFY_PEEK = len(V2.XL_MAGIC) + 8  # xl magic, byte order, mandatory flags
+_V2_PREFIXES = (struct.pack(">Q", V2.LIBXL_IDENT), struct.pack(">Q", V2.IMAGE_MARKER))
+_XL_BYTE_ORDERS = {b"\x04\x03\x02\x01": "<", b"\x01\x02\x03\x04": ">"}
+
+
+class StreamConversion(Protocol):
+    variant: str
+    suffix: str
+    pages: int
+
+    def feed(self, data: memoryview) -> list: ...
+
+    def finish(self) -> list: ...
+
+
+def classify(head: bytes, at_eof: bool) -> str | None:
+    """"v1" or "v2" from the first bytes, or None while more are needed (never more than CLASSIFY_PEEK).
+
+    v2 is recognised by its exact signatures (an xl header with the STREAMv2 flag, "LibxlFmt", or eight
+    0xff bytes); everything else goes to the legacy parser, which knows every v1 wrapper and refuses what
+    is neither.
+    """
+    xl_magic = V2.XL_MAGIC
+    if head[: len(xl_magic)] == xl_magic[: len(head)]:
+        if len(head) < CLASSIFY_PEEK:
+            return "v1" if at_eof else None
+        order = _XL_BYTE_ORDERS.get(bytes(head[32:36]))
+        if order is None:
+            return "v1"  # a broken xl header: the legacy parser names the fault
+        (flags,) = struct.unpack_from(order + "I", head, 36)
+        return "v2" if flags & V2.XL_FLAG_STREAMV2 else "v1"
+    for prefix in _V2_PREFIXES:
+        if head[:8] == prefix[: len(head)]:
+            if len(head) >= 8:
+                return "v2"
+            return "v1" if at_eof else None
+    return "v1"
+
+
+class V2Passthrough:
+    """A v2 stream leaves exactly as it came, each byte only once the verifier has accepted it.
+
+    Page payloads go out as soon as their PAGE_DATA header has been checked, straight from the caller's
+    buffer when the reader holds nothing else. The outermost END is held back until `finish` has seen
+    the end of input with nothing after it and the verifier has no objection.
+    """
+
+    def __init__(self, max_buffered: int):
+        self._reader = V2Reader(layer="auto", payload="passthrough", strict=True)
+        self._verifier = Verifier(fmt="auto")
+        self._max_buffered = max_buffered
+        self._held = bytearray()  # input bytes [forwarded, forwarded + len(held)) not yet given out
+        self._forwarded = 0
+        self._end_at: int | None = None  # offset of a trailing END record not yet known to be inner
+        self._ended = False
+        self.pages = 0
+        self.variant = "v2"
+        self.suffix = "v2"
+
+    def feed(self, data) -> list:
+        data = memoryview(data).cast("B")
+        out: list = []
+        reader = self._reader
+        if self._ended:
+            raise V2Malformed(f"{len(data)} bytes after the end of the stream", reader.offset)
+        if reader.payload_remaining and not reader.buffered and not self._held:
+            direct = min(len(data), reader.payload_remaining)
+            out.append(data[:direct])
+            reader.payload_consumed(direct)
+            self._forwarded += direct
+            data = data[direct:]
+        if data:
+            reader.feed(data)
+            self._drain()
+            if self._ended and reader.trailing_bytes:
+                raise V2Malformed(f"{reader.trailing_bytes} bytes after the end of the stream", reader.offset)
+            self._release(data, out)
+        return out
+
+    def finish(self) -> list:
+        self._reader.feed(b"")
+        self._drain()
+        if not self._ended:
+            raise V2Malformed("input ended before the end of the stream", self._reader.offset)
+        report = self._verifier.finish(self._reader.trailing_bytes, self._reader.offset)
+        self._raise_first_error()
+        if not report.ok:
+            raise V2Malformed("stream rejected by the verifier", self._reader.offset)
+        self._end_at = None
+        out: list = []
+        self._release(memoryview(b""), out)
+        return out
+
+    def _drain(self) -> None:
+        reader, verifier = self._reader, self._verifier
+        while not self._ended:
+            if reader.payload_remaining:
+                if not reader.buffered:
+                    return
+                reader.take_payload()
+                continue
+            event = reader.next_event()
+            if event is NEED_DATA:
+                if reader.buffered > self._max_buffered:
+                    raise V2Malformed(
+                        f"a record larger than the service's {self._max_buffered} byte buffering limit", reader.offset)
+                return
+            verifier.feed_event(event)
+            self._raise_first_error()
+            self._NOTE[type(event)](self, event)
+
+    def _raise_first_error(self) -> None:
+        errors = self._verifier.report.errors
+        if errors:
+            raise V2Malformed(errors[0].message, errors[0].offset)
+
+    def _note_header(self, event: Header) -> None:
+        self._end_at = None
+        if self.variant == "v2":
+            layer = self._verifier.report.format
+            self.variant, self.suffix = f"v2-{layer}", layer
+
+    def _note_record(self, event) -> None:
+        self._end_at = event.offset if event.type == V2.REC_END else None
+        if isinstance(event, LibxcRecord) and event.type == V2.REC_PAGE_DATA:
+            self.pages += event.body.page_count
+
+    def _note_end(self, event: EndOfStream) -> None:
+        self._ended = True
+
+    _NOTE = {
+        Header: _note_header,
+        LibxcRecord: _note_record,
+        LibxlRecord: _note_record,
+        EndOfStream: _note_end,
+    }
+
+    def _release(self, data: memoryview, out: list) -> None:
+        """Give out the input up to what is verified (minus a held-back END); keep the rest."""
+        safe = self._reader.offset if self._end_at is None else self._end_at
+        count = safe - self._forwarded
+        held = self._held
+        from_held = min(count, len(held))
+        if from_held:
+            out.append(bytes(held[:from_held]))
+            del held[:from_held]
+        from_data = count - from_held
+        if from_data:
+            out.append(data[:from_data])
+        held += data[from_data:]
+        self._forwarded = safe
+        if len(held) > self._max_buffered + V2.RECORD_HEADER_SIZE:
+            raise V2Malformed(f"more than {self._max_buffered} bytes pending verification", self._forwarded)
+
+
+CONVERSIONS = {
+    "v2": lambda listener, config: V2Passthrough(config.max_buffered),
+}

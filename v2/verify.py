@@ -213,7 +213,7 @@ def verify_fd(fd: int, fmt: str = "auto", *, checkpointed: bool | None = None, c
         while not reader.at_eof:
             got = os.readv(fd, [view])
             reader.feed(view[:got] if got else b"")
-    return verifier.finish(reader.trailing_bytes, end)
+    return verifier.finish(reader.trailing_bytes if trailing else 0, end)
 
 
 def verify_path(path: str | os.PathLike, fmt: str = "auto", **options) -> Report:

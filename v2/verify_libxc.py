@@ -1,8 +1,11 @@
-"""The libxc layer's rules (spec 3.20-3.23, 6.1, 6.2, 6.4), as a state machine over raw records.
+"""The libxc layer's rules (spec 3.20-3.23, 6.1, 6.2, 6.4), as a state machine over decoded records.
 
-`LibxcRules` is told about the headers and each record's raw body (PAGE_DATA: its count, reserved word
-and pfn words; the page payloads are never needed) and reports findings through a callback. It keeps
-only small state (flags, counters, the last BASIC context fields per vcpu), never a record's payload.
+`LibxcRules` is told about the headers and each record as a strict V2Reader decodes it (PAGE_DATA: its
+pfns and types; the page payloads are never needed) and reports findings through a callback. The strict
+reader has already refused what a single record shows to be malformed (framing, padding, reserved fields,
+fixed lengths, unknown mandatory types); what is left is what depends on the guest type, the stream
+version, the order of records and the state built up so far. Only small state is kept (flags, counters,
+the pfn fields of each vcpu's last BASIC context), never a record's payload.
 """
 
 from __future__ import annotations
@@ -113,14 +116,11 @@ class LibxcRules:
     basic_vcpus: dict = attrs.field(factory=dict)  # vcpu_id -> Basic
     hvm_context_seen: bool = False
     any_pages: bool = False
-    ended: bool = False
 
     # ---- headers -------------------------------------------------------------------------------
 
     def image_header(self, offset: int, header) -> None:
         self.version = header.version
-        if header.options & C.IMAGE_OPTION_BIG_ENDIAN:
-            self.report(ERROR, offset + 16, None, "image header", "big-endian stream: every Xen restorer refuses it")
 
     def domain_header(self, offset: int, header) -> None:
         self.guest = header.guest_type
@@ -146,21 +146,15 @@ class LibxcRules:
 
     def _admit(self, offset: int, index: int, rtype: int, name: str) -> bool:
         """Stream-level legality of a record; False when its body is not worth looking at."""
-        if self.ended:
-            self._error(offset, index, name, "record after the libxc END")
-            return False
         self.current.records += 1
-        if rtype not in KNOWN:
-            if rtype & C.OPTIONAL_RECORD_BIT:
-                self._warn(offset, index, name, "unknown optional record: Xen's restore skips it, its verifier rejects it")
-            else:
-                self._error(offset, index, name, "unknown mandatory record type: Xen's restore fails on it")
+        if rtype not in KNOWN:  # the reader refuses unknown mandatory types; this one has bit 31 set
+            self._warn(offset, index, name, "unknown optional record: Xen's restore skips it, its verifier rejects it")
             return False
         if rtype in NEVER_FORWARD:
             self._error(offset, index, name, NEVER_FORWARD[rtype])
             return False
         if rtype in ILLEGAL_FOR.get(self.guest, ()):
-            self._error(offset, index, name, f"record not legal in a {GUEST_NAMES[self.guest]} stream")
+            self._error(offset, index, name, f"record not legal for {GUEST_NAMES[self.guest]} guests (Xen's restore fails)")
             return False
         if rtype in V3_ONLY and self.version < 3:
             self._error(offset, index, name, f"record not defined in stream version {self.version} (a v3 record)")
@@ -179,20 +173,14 @@ class LibxcRules:
 
     # ---- per type ------------------------------------------------------------------------------
 
-    def _empty(self, offset, index, name, length) -> None:
-        if length:
-            self._error(offset, index, name, f"length {length}, expected 0")
-
     def _end(self, offset, index, name, length, body):
-        self._empty(offset, index, name, length)
-        self._complete(offset, index, name)
-        if self.checkpointed and self.checkpoints and self.current.records > 1:
+        if not self.checkpoints:
+            self._complete(offset, index, name)
+        elif self.current.records > 1:  # restore resumes from the last CHECKPOINT, already checked complete
             self._warn(offset, index, name, f"{self.current.records - 1} records after the last CHECKPOINT: "
                        "Xen's restore discards them and resumes from the last checkpoint")
-        self.ended = True
 
     def _checkpoint(self, offset, index, name, length, body):
-        self._empty(offset, index, name, length)
         if self.checkpointed is False:
             self._error(offset, index, name, "CHECKPOINT in a stream that is not checkpointed (Xen's restore fails)")
         else:
@@ -204,21 +192,17 @@ class LibxcRules:
         self.current = Checkpoint()
 
     def _verify(self, offset, index, name, length, body):
-        self._empty(offset, index, name, length)
         if self.verify_seen:
             self._warn(offset, index, name, "second VERIFY record (Xen writes at most one)")
         self.verify_seen = True
 
     def _static_data_end(self, offset, index, name, length, body):
-        self._empty(offset, index, name, length)
         self.sde_count += 1
         if self.sde_count > 1:
             self._error(offset, index, name, "second STATIC_DATA_END (Xen's restore fails)")
         self.static_done = True
 
-    def _policy(self, offset, index, name, length, entry_size: int, rtype: int):
-        if length < entry_size or length % entry_size:
-            self._error(offset, index, name, f"length {length} is not a non-zero multiple of {entry_size}")
+    def _policy(self, offset, index, name, rtype: int):
         if self.static_done and self.version >= 3:
             self._warn(offset, index, name, "policy after STATIC_DATA_END: Xen's restore accepts it but never applies it")
         elif rtype in self.policies:
@@ -226,28 +210,22 @@ class LibxcRules:
         self.policies[rtype] = offset
 
     def _cpuid_policy(self, offset, index, name, length, body):
-        self._policy(offset, index, name, length, 24, C.REC_X86_CPUID_POLICY)
+        self._policy(offset, index, name, C.REC_X86_CPUID_POLICY)
 
     def _msr_policy(self, offset, index, name, length, body):
-        self._policy(offset, index, name, length, 16, C.REC_X86_MSR_POLICY)
-        for entry, item in enumerate(body.entries):
-            if item.flags:
-                self._error(offset, index, name, f"entry {entry} (MSR {item.idx:#x}) flags {item.flags:#x} not zero")
-                break
+        self._policy(offset, index, name, C.REC_X86_MSR_POLICY)
 
     def _pv_info(self, offset, index, name, length, body):
         if self.pv_info is not None:
             self._error(offset, index, name, "second X86_PV_INFO (Xen's restore fails)")
-        if length != 8:
-            self._error(offset, index, name, f"length {length}, expected 8")
         pair = (body.guest_width, body.pt_levels)
         if pair not in VALID_PV_INFO:
             self._error(offset, index, name, f"guest_width {pair[0]} with pt_levels {pair[1]}: "
                         "Xen accepts only 4 with 3 and 8 with 4")
         if self.static_done and self.version >= 3:
             self._warn(offset, index, name, "static record after STATIC_DATA_END")
-        if self.pv_info is None:
-            self.pv_info = pair if pair in VALID_PV_INFO else (8, 4)
+        if self.pv_info is None:  # an invalid width still has to size the vcpu and p2m checks
+            self.pv_info = (pair[0] if pair[0] in BASIC_SIZE else 8, pair[1])
 
     def _p2m_frames(self, offset, index, name, length, body):
         self._infer_static_end()

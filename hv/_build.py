@@ -1,0 +1,259 @@
+"""cffi API-mode build of `xenstream.hv._kernels`: the compiled twins of xenstream.hv.pagetables.
+
+Built at install time through setup.py's `cffi_modules`. Semantics are documented on the Python
+twins; the two must stay identical (tests/hv/test_kernels.py checks that on random inputs).
+"""
+
+from cffi import FFI
+
+CDEF = """
+typedef struct {
+    const uint64_t *m2p;
+    uint64_t m2p_len;
+    uint64_t max_mfn;
+    const void *const *leaves;
+    uint64_t p2m_size;
+    unsigned leaf_shift;
+    unsigned p2m_width;
+    uint64_t max_pfn;
+    unsigned levels;
+    uint64_t compat_m2p_mfn0;
+} xs_tables;
+
+int64_t xs_normalise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
+                           uint8_t *status);
+int64_t xs_localise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
+                          uint64_t *missing, int64_t *err);
+int64_t xs_pack_page_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint64_t *out);
+int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, uint64_t *pfns,
+                             uint32_t *types);
+int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out);
+int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
+                             unsigned entry_size);
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const uint64_t *m2p;
+    uint64_t m2p_len;
+    uint64_t max_mfn;
+    const void *const *leaves;
+    uint64_t p2m_size;
+    unsigned leaf_shift;
+    unsigned p2m_width;
+    uint64_t max_pfn;
+    unsigned levels;
+    uint64_t compat_m2p_mfn0;
+} xs_tables;
+
+#define INVALID_MFN   UINT64_MAX
+#define FRAME_MASK    0x000FFFFFFFFFF000ULL
+#define PRESENT       1ULL
+#define PSE           (1ULL << 7)
+#define PFN_MASK_V2   0x000FFFFFFFFFFFFFULL
+#define ST_OK         0
+#define ST_BAD_MFN    1
+#define ST_SUPERPAGE  2
+#define ST_BAD_LEVEL  3
+#define LOC_PFN_RANGE 1
+#define LOC_BAD_MFN   2
+#define LOC_BAD_LEVEL 3
+
+static inline uint64_t load64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+static inline uint64_t p2m_get(const xs_tables *t, uint64_t pfn)
+{
+    if (pfn >= t->p2m_size)
+        return INVALID_MFN;
+    const uint8_t *leaf = t->leaves[pfn >> t->leaf_shift];
+    uint64_t idx = pfn & ((1ULL << t->leaf_shift) - 1);
+    if (t->p2m_width == 8)
+        return load64(leaf + idx * 8);
+    uint32_t v;
+    memcpy(&v, leaf + idx * 4, 4);
+    return v == UINT32_MAX ? INVALID_MFN : v;
+}
+
+/* pfn backing mfn if M2P and P2M agree (spec 1.1), else INVALID_MFN */
+static inline uint64_t in_pseudophys(const xs_tables *t, uint64_t mfn)
+{
+    if (mfn > t->max_mfn || mfn >= t->m2p_len)
+        return INVALID_MFN;
+    uint64_t pfn = t->m2p[mfn];
+    if (pfn > t->max_pfn || p2m_get(t, pfn) != mfn)
+        return INVALID_MFN;
+    return pfn;
+}
+
+static inline int known_code(uint32_t code)
+{
+    switch (code >> 28) {
+    case 0x0: case 0x1: case 0x2: case 0x3: case 0x4:
+    case 0x9: case 0xA: case 0xB: case 0xC:
+    case 0xD: case 0xE: case 0xF:
+        return (code & 0x0FFFFFFFu) == 0;
+    default:
+        return 0;
+    }
+}
+
+static inline int has_data(uint32_t code)
+{
+    uint32_t nib = code >> 28;
+    return nib != 0xD && nib != 0xE && nib != 0xF;
+}
+
+int64_t xs_normalise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
+                           uint8_t *status)
+{
+    int64_t failed = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *page = pages + i * 4096;
+        unsigned level = levels[i];
+        int xf = 1, xl = 0, code = ST_OK;
+        if (level < 1 || level > 4 || (t->levels == 3 && level == 4)) {
+            code = ST_BAD_LEVEL;
+        } else if (t->levels == 4) {
+            if (level == 4) { xf = 256; xl = 271; }
+        } else if (level == 3) {
+            xf = 4; xl = 511;
+        } else if (level == 2 && ((load64(page + 428 * 8) & FRAME_MASK) >> 12) == t->compat_m2p_mfn0) {
+            xf = 428; xl = 511;
+        }
+        for (int j = 0; code == ST_OK && j < 512; j++) {
+            uint64_t pte = (j >= xf && j <= xl) ? 0 : load64(page + j * 8);
+            if (pte & PRESENT) {
+                if (level > 1 && (pte & PSE)) { code = ST_SUPERPAGE; break; }
+                uint64_t pfn = in_pseudophys(t, (pte & FRAME_MASK) >> 12);
+                if (pfn == INVALID_MFN) { code = ST_BAD_MFN; break; }
+                pte = (pte & ~FRAME_MASK) | ((pfn << 12) & FRAME_MASK);
+            }
+            store64(page + j * 8, pte);
+        }
+        status[i] = (uint8_t)code;
+        failed += code != ST_OK;
+    }
+    return failed;
+}
+
+int64_t xs_localise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
+                          uint64_t *missing, int64_t *err)
+{
+    int64_t count = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (levels[i] < 1 || levels[i] > 4) {
+            err[0] = LOC_BAD_LEVEL; err[1] = (int64_t)i; err[2] = -1;
+            return -1;
+        }
+        const uint8_t *page = pages + i * 4096;
+        for (int j = 0; j < 512; j++) {
+            uint64_t pte = load64(page + j * 8);
+            if (!(pte & PRESENT))
+                continue;
+            uint64_t pfn = (pte & FRAME_MASK) >> 12;
+            if (pfn > t->max_pfn) {
+                err[0] = LOC_PFN_RANGE; err[1] = (int64_t)i; err[2] = j;
+                return -1;
+            }
+            if (p2m_get(t, pfn) == INVALID_MFN)
+                missing[count++] = pfn;
+        }
+    }
+    if (count)
+        return count;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *page = pages + i * 4096;
+        for (int j = 0; j < 512; j++) {
+            uint64_t pte = load64(page + j * 8);
+            if (!(pte & PRESENT))
+                continue;
+            uint64_t mfn = p2m_get(t, (pte & FRAME_MASK) >> 12);
+            if (in_pseudophys(t, mfn) == INVALID_MFN) {
+                err[0] = LOC_BAD_MFN; err[1] = (int64_t)i; err[2] = j;
+                return -1;
+            }
+            store64(page + j * 8, (pte & ~FRAME_MASK) | ((mfn << 12) & FRAME_MASK));
+        }
+    }
+    return 0;
+}
+
+int64_t xs_pack_page_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint64_t *out)
+{
+    int64_t data = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!known_code(types[i]) || pfns[i] > PFN_MASK_V2)
+            return -1 - (int64_t)i;
+        out[i] = ((uint64_t)types[i] << 32) | pfns[i];
+        data += has_data(types[i]);
+    }
+    return data;
+}
+
+int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, uint64_t *pfns,
+                             uint32_t *types)
+{
+    int64_t data = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t pfn = words[i] & PFN_MASK_V2;
+        uint32_t code = (uint32_t)(words[i] >> 32) & 0xF0000000u;
+        if (!known_code(code) || pfn > max_pfn)
+            return -1 - (int64_t)i;
+        pfns[i] = pfn;
+        types[i] = code;
+        data += has_data(code);
+    }
+    return data;
+}
+
+int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out)
+{
+    int64_t data = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t entry;
+        if (entry_size == 8) {
+            entry = load64(legacy + i * 8);
+        } else {
+            uint32_t e32;
+            memcpy(&e32, legacy + i * 4, 4);
+            entry = e32;
+        }
+        uint32_t code = (uint32_t)entry & 0xF0000000u;
+        if ((entry >> 32) || !known_code(code))
+            return -1 - (int64_t)i;
+        out[i] = ((uint64_t)code << 32) | (entry & 0x0FFFFFFFULL);
+        data += has_data(code);
+    }
+    return data;
+}
+
+int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
+                             unsigned entry_size)
+{
+    int64_t data = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!known_code(types[i]) || pfns[i] > 0x0FFFFFFFULL)
+            return -1 - (int64_t)i;
+        uint64_t entry = (uint64_t)types[i] | pfns[i];
+        if (entry_size == 8) {
+            store64(out + i * 8, entry);
+        } else {
+            uint32_t e32 = (uint32_t)entry;
+            memcpy(out + i * 4, &e32, 4);
+        }
+        data += has_data(types[i]);
+    }
+    return data;
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("xenstream.hv._kernels", SOURCE, extra_compile_args=["-O2"])
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

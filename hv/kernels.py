@@ -1,0 +1,166 @@
+"""The batch translation kernels, compiled (cffi) when available, else their pure-Python twins.
+
+`BACKEND` says which: "cffi" or "python". Both expose the same functions with the same behaviour
+(documented on the twins in xenstream.hv.pagetables):
+
+    normalise_pages(tables, pages, levels, status) -> failed page count
+    localise_pages(tables, pages, levels, missing) -> missing pfn count (0 = rewritten)
+    pack_page_words(pfns, types, out) -> data-bearing count
+    unpack_page_words(words, max_pfn, pfns_out, types_out) -> data-bearing count
+    legacy_to_page_words(legacy, out) -> data-bearing count
+    pack_legacy_words(pfns, types, out) -> data-bearing count
+
+Set XENSTREAM_KERNELS=python to force the twins (tests use both).
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+from xenstream.hv import pagetables
+from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
+
+PYTHON_KERNELS = {
+    "normalise_pages": pagetables.python_normalise_pages,
+    "localise_pages": pagetables.python_localise_pages,
+    "pack_page_words": pagetables.python_pack_page_words,
+    "unpack_page_words": pagetables.python_unpack_page_words,
+    "legacy_to_page_words": pagetables.python_legacy_to_page_words,
+    "pack_legacy_words": pagetables.python_pack_legacy_words,
+}
+
+
+def _load_cffi() -> dict | None:
+    if os.environ.get("XENSTREAM_KERNELS") == "python":
+        return None
+    try:
+        from xenstream.hv._kernels import ffi, lib
+    except ImportError:
+        return None
+
+    def as_u64(seq):
+        return seq if isinstance(seq, array) and seq.typecode == "Q" else array("Q", seq)
+
+    def as_u32(seq):
+        return seq if isinstance(seq, array) and seq.typecode == "I" else array("I", seq)
+
+    def native_tables(tables: TranslationTables):
+        p2m = tables.p2m
+        if p2m.native is None:
+            keep = [ffi.from_buffer(leaf) for leaf in p2m.leaves]
+            p2m.native = (ffi.new("const void *[]", keep or [ffi.NULL]), keep)
+        m2p = ffi.from_buffer("uint64_t[]", tables.m2p)
+        struct = ffi.new("xs_tables *", {
+            "m2p": m2p, "m2p_len": len(tables.m2p), "max_mfn": tables.max_mfn,
+            "leaves": p2m.native[0], "p2m_size": p2m.size, "leaf_shift": p2m.leaf_shift,
+            "p2m_width": p2m.width, "max_pfn": tables.max_pfn, "levels": tables.levels,
+            "compat_m2p_mfn0": tables.compat_m2p_mfn0 & 0xFFFF_FFFF_FFFF_FFFF,
+        })
+        return struct, m2p
+
+    def pages_buffer(pages, count: int):
+        buf = ffi.from_buffer("uint8_t[]", pages, require_writable=True)
+        if len(buf) < count * 4096:
+            raise ValueError(f"{count} pages need {count * 4096} bytes, buffer has {len(buf)}")
+        return buf
+
+    def normalise_pages(tables: TranslationTables, pages, levels, status: bytearray) -> int:
+        levels = bytes(levels)
+        if len(status) < len(levels):
+            raise ValueError("status buffer shorter than the batch")
+        struct, _keep = native_tables(tables)
+        return lib.xs_normalise_pages(struct, pages_buffer(pages, len(levels)), levels, len(levels),
+                                      ffi.from_buffer("uint8_t[]", status, require_writable=True))
+
+    def localise_pages(tables: TranslationTables, pages, levels, missing) -> int:
+        levels = bytes(levels)
+        if len(missing) < len(levels) * 512:
+            raise ValueError("missing buffer needs room for 512 pfns per page")
+        struct, _keep = native_tables(tables)
+        err = ffi.new("int64_t[3]")
+        out = ffi.from_buffer("uint64_t[]", missing, require_writable=True)
+        result = lib.xs_localise_pages(struct, pages_buffer(pages, len(levels)), levels, len(levels), out, err)
+        if result < 0:
+            reason, page, entry = err[0], err[1], err[2]
+            raise TranslationError(reason, f"page {page} entry {entry}: {_LOCALISE_REASONS[reason]}", page, entry)
+        return result
+
+    def pack_page_words(pfns, types, out) -> int:
+        pfns, types = as_u64(pfns), as_u32(types)
+        n = min(len(pfns), len(types))
+        result = lib.xs_pack_page_words(ffi.from_buffer("uint64_t[]", pfns), ffi.from_buffer("uint32_t[]", types),
+                                        n, ffi.from_buffer("uint64_t[]", out, require_writable=True))
+        if result < 0:
+            _reraise(-1 - result, pagetables.python_pack_page_words, pfns[-1 - result:-result],
+                     types[-1 - result:-result], [0])
+        return result
+
+    def unpack_page_words(words, max_pfn: int, pfns_out, types_out) -> int:
+        words = as_u64(words)
+        result = lib.xs_unpack_page_words(ffi.from_buffer("uint64_t[]", words), len(words), max_pfn,
+                                          ffi.from_buffer("uint64_t[]", pfns_out, require_writable=True),
+                                          ffi.from_buffer("uint32_t[]", types_out, require_writable=True))
+        if result < 0:
+            _reraise(-1 - result, pagetables.python_unpack_page_words, words[-1 - result:-result], max_pfn,
+                     [0], [0])
+        return result
+
+    def legacy_to_page_words(legacy, out) -> int:
+        if not isinstance(legacy, array) or legacy.typecode not in ("I", "L", "Q"):
+            legacy = array("Q", legacy)
+        result = lib.xs_legacy_to_page_words(ffi.from_buffer("uint8_t[]", legacy), legacy.itemsize, len(legacy),
+                                             ffi.from_buffer("uint64_t[]", out, require_writable=True))
+        if result < 0:
+            _reraise(-1 - result, pagetables.python_legacy_to_page_words, legacy[-1 - result:-result], [0])
+        return result
+
+    def pack_legacy_words(pfns, types, out) -> int:
+        pfns, types = as_u64(pfns), as_u32(types)
+        n = min(len(pfns), len(types))
+        result = lib.xs_pack_legacy_words(ffi.from_buffer("uint64_t[]", pfns), ffi.from_buffer("uint32_t[]", types),
+                                          n, ffi.from_buffer("uint8_t[]", out, require_writable=True), out.itemsize)
+        if result < 0:
+            _reraise(-1 - result, pagetables.python_pack_legacy_words, pfns[-1 - result:-result],
+                     types[-1 - result:-result], [0])
+        return result
+
+    return {
+        "normalise_pages": normalise_pages,
+        "localise_pages": localise_pages,
+        "pack_page_words": pack_page_words,
+        "unpack_page_words": unpack_page_words,
+        "legacy_to_page_words": legacy_to_page_words,
+        "pack_legacy_words": pack_legacy_words,
+    }
+
+
+_LOCALISE_REASONS = {
+    pagetables.LOCALISE_PFN_RANGE: "pfn beyond max_pfn",
+    pagetables.LOCALISE_BAD_MFN: "mfn not in the pseudo-physical map",
+    pagetables.LOCALISE_BAD_LEVEL: "not a table level",
+}
+
+
+def _reraise(index: int, twin, *args) -> None:
+    """Let the twin explain the one offending element, then report it at its batch index."""
+    try:
+        twin(*args)
+    except TranslationError as exc:
+        raise TranslationError(exc.reason, f"entry {index}: {str(exc).partition(': ')[2]}", index, exc.entry) from None
+    raise AssertionError("kernel and twin disagree")
+
+
+_CFFI = _load_cffi()
+BACKEND = "cffi" if _CFFI is not None else "python"
+_SELECTED = _CFFI if _CFFI is not None else PYTHON_KERNELS
+
+normalise_pages = _SELECTED["normalise_pages"]
+localise_pages = _SELECTED["localise_pages"]
+pack_page_words = _SELECTED["pack_page_words"]
+unpack_page_words = _SELECTED["unpack_page_words"]
+legacy_to_page_words = _SELECTED["legacy_to_page_words"]
+pack_legacy_words = _SELECTED["pack_legacy_words"]
+
+__all__ = ["BACKEND", "PYTHON_KERNELS", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
+           "localise_pages", "pack_page_words", "unpack_page_words", "legacy_to_page_words", "pack_legacy_words"]

@@ -1,0 +1,593 @@
+"""The native v2 restore engine for PV guests (spec save-restore-engines 5.1-5.9, 5.11).
+
+Sans-IO like the reader underneath it: the driver feeds bytes, the engine applies records as they
+complete, and `finish()` (after the input ended) runs the stream completion of spec 5.8::
+
+    restorer = PvRestorer(hv, domid, store_evtchn=1, console_evtchn=2)
+    for chunk in chunks:
+        restorer.feed(chunk)
+    result = restorer.finish()
+
+The domain must exist (spec 5.1: created by the toolstack, PV, no memory yet, enough vcpus and
+max_pages). `restore_new_domain` is that toolstack step around the engine: it creates the domain and
+destroys it again if anything fails, so a half-built domain is never left behind.
+
+Every inconsistency of spec 5.11 raises a v2 `StreamError` (`MalformedStream` or `UnsupportedStream`)
+carrying the offset of the record at fault; hypervisor refusals during completion are reported the
+same way at the offset of END.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import attrs
+import structlog
+
+from xenstream.hv import abi
+from xenstream.hv.interface import Hypervisor, HypervisorError, TscInfo, VcpuContext, XsaveState, CpuPolicy
+from xenstream.hv import kernels
+from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
+from xenstream.v2 import constants as C
+from xenstream.v2.errors import MalformedStream, StreamError, TruncatedStream, UnsupportedStream
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, PagePayload, SkippedRecord
+from xenstream.v2.reader import V2Reader
+from xenstream.v2.records import DomainHeader, ImageHeader
+
+log = structlog.get_logger()
+
+INVALID = abi.INVALID_MFN
+_NEEDS_RAM = frozenset({0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC, abi.PAGETYPE_XALLOC})
+_EXT_VCPU_OFFSET = 0
+_GRANT_ENTRY = struct.Struct("<HHI")
+_VALID_PV_INFO = {(abi.WIDTH_32, 3), (abi.WIDTH_64, 4)}
+
+
+@attrs.frozen
+class RestoreResult:
+    domid: int
+    width: int
+    levels: int
+    max_pfn: int
+    store_mfn: int
+    console_mfn: int
+    start_info_pfn: int
+    p2m: array  # the new pfn -> mfn table (u64, INVALID where unpopulated)
+    p2m_pfns: tuple[int, ...]
+    pages_written: int
+    pages_populated: int
+
+
+@attrs.define
+class _VcpuState:
+    basic: bytes | None = None
+    extended: bytes | None = None
+    xsave: bytes | None = None
+    msrs: bytes | None = None
+
+
+class _Fail(Exception):
+    """Internal: an inconsistency found while applying one record; re-raised with the record's offset."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise _Fail(message)
+
+
+class PvRestorer:
+    def __init__(self, hv: Hypervisor, domid: int, *, store_evtchn: int = 0, console_evtchn: int = 0,
+                 store_domid: int = 0, console_domid: int = 0, strict: bool = False) -> None:
+        self.hv = hv
+        self.domid = domid
+        self.store_evtchn = store_evtchn
+        self.console_evtchn = console_evtchn
+        self.store_domid = store_domid
+        self.console_domid = console_domid
+        self._reader = V2Reader(layer="auto", payload="views", strict=strict)
+        self._offset = 0
+        self._done: RestoreResult | None = None
+        self._ended = False
+
+        info = self._call("get domain info", hv.get_domain_info, domid)
+        if info.is_hvm:
+            raise UnsupportedStream(f"domain {domid} is HVM; this engine restores PV streams", 0)
+        self._info = info
+        self._width = abi.WIDTH_FOR_ADDRESS_BITS[self._call("get address size", hv.get_address_size, domid)]
+        self._levels = abi.LEVELS_FOR_WIDTH[self._width]
+        self._max_mfn = hv.get_max_mfn()
+        self._m2p = hv.m2p_view()
+
+        self._version = 0
+        self._static_data_end = False
+        self._pv_info = False
+        self._max_pfn = -1  # no X86_PV_P2M_FRAMES yet
+        self._p2m = array("Q")
+        self._types = bytearray()
+        self._p2m_pfns: list[int] = []
+        self._policy_cpuid = b""
+        self._policy_msrs = b""
+        self._vcpus = [_VcpuState() for _ in range(info.max_vcpu_id + 1)]
+        self._verify = False
+        self._tables: TranslationTables | None = None
+        self._pending: list[tuple[int, int, memoryview]] = []  # (pfn, type, guest frame) awaiting payload
+        self._pending_next = 0
+        self.pages_written = 0
+        self.pages_populated = 0
+        self.verify_mismatches = 0
+
+        self._handlers: dict[int, Callable] = {
+            C.REC_END: self._end,
+            C.REC_PAGE_DATA: self._page_data,
+            C.REC_X86_PV_INFO: self._pv_info_record,
+            C.REC_X86_PV_P2M_FRAMES: self._p2m_frames,
+            C.REC_X86_PV_VCPU_BASIC: self._vcpu_record("basic"),
+            C.REC_X86_PV_VCPU_EXTENDED: self._vcpu_record("extended"),
+            C.REC_X86_PV_VCPU_XSAVE: self._vcpu_record("xsave"),
+            C.REC_X86_PV_VCPU_MSRS: self._vcpu_record("msrs"),
+            C.REC_SHARED_INFO: self._shared_info,
+            C.REC_X86_TSC_INFO: self._tsc_info,
+            C.REC_VERIFY: self._verify_record,
+            C.REC_STATIC_DATA_END: self._static_data_end_record,
+            C.REC_X86_CPUID_POLICY: self._cpuid_policy,
+            C.REC_X86_MSR_POLICY: self._msr_policy,
+            C.REC_CHECKPOINT: self._checkpoint,
+        }
+
+    # ------------------------------------------------------------------ driving
+
+    def feed(self, data) -> None:
+        """Feed stream bytes (b"" = end of input) and apply every record they complete."""
+        self._reader.feed(data)
+        while True:
+            event = self._reader.next_event()
+            if event is NEED_DATA:
+                return
+            self._offset = event.offset
+            if isinstance(event, PagePayload):
+                self._page_payload(event)
+            elif isinstance(event, LibxcRecord):
+                self._apply(event)
+            elif isinstance(event, Header):
+                self._header(event.header)
+            elif isinstance(event, EndOfStream):
+                if not event.complete:
+                    raise TruncatedStream("stream ended without an END record", event.offset)
+                self._ended = True
+                return
+            elif isinstance(event, SkippedRecord):
+                continue
+
+    def finish(self) -> RestoreResult:
+        """After the input ended: the stream must have had its END; returns what was restored."""
+        if self._done is None:
+            self.feed(b"")
+        if self._done is None:
+            raise TruncatedStream("stream ended without an END record", self._reader.offset)
+        return self._done
+
+    def _call(self, what: str, call, *args):
+        try:
+            return call(*args)
+        except HypervisorError as exc:
+            raise MalformedStream(f"{what} refused by the hypervisor: {exc}", self._offset) from exc
+
+    def _apply(self, event: LibxcRecord) -> None:
+        if self._done is not None:
+            raise MalformedStream(f"record type {event.type:#x} after END", event.offset)
+        handler = self._handlers.get(event.type)
+        if handler is None:
+            raise MalformedStream(f"{_name(event.type)} record is not valid in a PV stream", event.offset)
+        try:
+            handler(event.body)
+        except _Fail as exc:
+            raise MalformedStream(f"{_name(event.type)}: {exc}", event.offset) from None
+
+    def _header(self, header) -> None:
+        if isinstance(header, ImageHeader):
+            self._version = header.version
+        elif isinstance(header, DomainHeader):
+            if header.guest_type != C.DOMAIN_TYPE_X86_PV:
+                raise UnsupportedStream(
+                    f"stream is {C.DOMAIN_TYPE_NAMES.get(header.guest_type)}, domain {self.domid} is PV", self._offset)
+
+    # ------------------------------------------------------------------ static records
+
+    def _pv_info_record(self, body) -> None:
+        _require(not self._pv_info, "X86_PV_INFO already received")
+        pair = (body.guest_width, body.pt_levels)
+        _require(pair in _VALID_PV_INFO, f"invalid guest width/levels {pair}, expected (4, 3) or (8, 4)")
+        if body.guest_width != self._width:
+            self._call("set address size", self.hv.set_address_size, self.domid,
+                       abi.ADDRESS_BITS_FOR_WIDTH[body.guest_width])
+            width = abi.WIDTH_FOR_ADDRESS_BITS[self._call("get address size", self.hv.get_address_size, self.domid)]
+            _require(width == body.guest_width, f"domain width {width} does not match the stream's {body.guest_width}")
+            self._width, self._levels = width, abi.LEVELS_FOR_WIDTH[width]
+        _require(self._levels == body.pt_levels, f"domain has {self._levels} levels, stream {body.pt_levels}")
+        self._pv_info = True
+
+    def _infer_static_data_end(self) -> None:
+        if self._version == 2 and not self._static_data_end:
+            self._static_data_end = True
+            log.info("v2 stream: STATIC_DATA_END inferred; CPUID and MSR policy missing")
+
+    def _static_data_end_record(self, body) -> None:
+        _require(not self._static_data_end, "STATIC_DATA_END already received")
+        self._static_data_end = True
+        if self._policy_cpuid or self._policy_msrs:
+            self._call("set CPU policy", self.hv.set_cpu_policy, self.domid,
+                       CpuPolicy(self._policy_cpuid, self._policy_msrs))
+        missing = [name for name, blob in (("CPUID", self._policy_cpuid), ("MSR", self._policy_msrs)) if not blob]
+        if missing:
+            log.info("CPU policy missing from the stream", missing=missing)
+
+    def _cpuid_policy(self, body) -> None:
+        if self._static_data_end:
+            log.warning("X86_CPUID_POLICY after STATIC_DATA_END is never applied", offset=self._offset)
+        self._policy_cpuid = body.pack()
+
+    def _msr_policy(self, body) -> None:
+        if self._static_data_end:
+            log.warning("X86_MSR_POLICY after STATIC_DATA_END is never applied", offset=self._offset)
+        self._policy_msrs = body.pack()
+
+    def _p2m_frames(self, body) -> None:
+        self._infer_static_data_end()
+        _require(self._static_data_end, "received before STATIC_DATA_END")
+        _require(self._pv_info, "received before X86_PV_INFO")
+        start, end = body.start_pfn, body.end_pfn
+        _require(start <= end, f"start pfn {start:#x} > end pfn {end:#x}")
+        fpp = abi.frames_per_page(self._width)
+        expected = end // fpp - start // fpp + 1
+        _require(len(body.frames) == expected,
+                 f"{len(body.frames)} frames for pfns {start:#x}-{end:#x}, expected {expected}")
+        if end > self._max_pfn:
+            self._expand(end)
+        first = start // fpp
+        self._p2m_pfns[first:first + expected] = list(body.frames)
+
+    def _expand(self, max_pfn: int) -> None:
+        self._tables = None  # its P2M view pins the array's buffer
+        grow = max_pfn - self._max_pfn
+        self._p2m.extend(array("Q", [INVALID]) * grow)
+        self._types.extend(bytes(grow))
+        frames = max_pfn // abi.frames_per_page(self._width) + 1
+        self._p2m_pfns.extend([INVALID] * (frames - len(self._p2m_pfns)))
+        self._max_pfn = max_pfn
+
+    # ------------------------------------------------------------------ memory
+
+    def _page_data(self, body) -> None:
+        _require(not self._pending_remaining(), "previous PAGE_DATA payload incomplete")
+        self._infer_static_data_end()
+        _require(self._static_data_end, "received before STATIC_DATA_END")
+        _require(self._max_pfn >= 0, "received before X86_PV_P2M_FRAMES")
+        max_pfn = self._max_pfn
+        for pfn in body.pfns:
+            _require(pfn <= max_pfn, f"pfn {pfn:#x} out of range (max_pfn {max_pfn:#x})")
+        self._populate([p for p, t in zip(body.pfns, body.types) if t in _NEEDS_RAM])
+        types = self._types
+        data = []
+        for pfn, page_type in zip(body.pfns, body.types):
+            types[pfn] = page_type
+            if abi.pagetype_has_data(page_type):
+                data.append((pfn, page_type))
+        if not data:
+            self._pending = []
+            return
+        p2m = self._p2m
+        frames = self._call("map page batch", self.hv.map_foreign, self.domid, [p2m[p] for p, _ in data], True)
+        pending = []
+        for (pfn, page_type), frame in zip(data, frames):
+            _require(frame is not None, f"cannot map pfn {pfn:#x} (mfn {p2m[pfn]:#x}) writable")
+            pending.append((pfn, page_type, frame))
+        self._pending = pending
+        self._pending_next = 0
+
+    def _pending_remaining(self) -> int:
+        return len(self._pending) - self._pending_next
+
+    def _page_payload(self, event: PagePayload) -> None:
+        data = event.data
+        count = len(data) >> 12
+        first = self._pending_next
+        batch = self._pending[first:first + count]
+        tables = [(k, pfn, abi.pagetable_level(t)) for k, (pfn, t, _) in enumerate(batch) if abi.pagetable_level(t)]
+        try:
+            localised = self._localised(data, tables) if tables else None
+        except _Fail as exc:
+            raise MalformedStream(f"PAGE_DATA: {exc}", event.offset) from None
+        table_slot = {k: n for n, (k, _, _) in enumerate(tables)}
+        for k, (pfn, _, frame) in enumerate(batch):
+            n = table_slot.get(k)
+            page = data[k << 12:(k + 1) << 12] if n is None else localised[n << 12:(n + 1) << 12]
+            if self._verify:
+                if page != frame:
+                    self.verify_mismatches += 1
+                    log.warning("verify: page differs", pfn=f"{pfn:#x}", offset=event.offset)
+                continue
+            frame[:] = page
+            self.pages_written += 1
+        self._pending_next = first + count
+        if self._pending_next == len(self._pending):
+            self._pending = []
+            self._pending_next = 0
+
+    def _localised(self, data: memoryview, tables: list[tuple[int, int, int]]) -> memoryview:
+        """Private copies of the pagetable pages of `data`, pfn -> mfn (spec 5.7), forward references populated."""
+        buffer = bytearray(len(tables) << 12)
+        for n, (k, _, _) in enumerate(tables):
+            buffer[n << 12:(n + 1) << 12] = data[k << 12:(k + 1) << 12]
+        levels = [level for _, _, level in tables]
+        missing = array("Q", bytes(8 * abi.PTES_PER_PAGE * len(tables)))
+        while True:
+            try:
+                count = kernels.localise_pages(self._translation(), buffer, levels, missing)
+            except TranslationError as exc:
+                _, pfn, level = tables[exc.index] if 0 <= exc.index < len(tables) else (0, -1, 0)
+                raise _Fail(f"L{level} pagetable at pfn {pfn:#x}, {exc}") from None
+            if not count:
+                return memoryview(buffer)
+            self._populate(sorted(set(missing[:count])))
+
+    def _translation(self) -> TranslationTables:
+        if self._tables is None:
+            self._tables = TranslationTables(levels=self._levels, m2p=self._m2p, max_mfn=self._max_mfn,
+                                             p2m=P2MView.contiguous(self._p2m), max_pfn=self._max_pfn)
+        return self._tables
+
+    def _populate(self, pfns: list[int]) -> None:
+        """Allocate frames for the pfns not populated yet (spec 5.6): 2 MiB extents for complete aligned runs."""
+        p2m = self._p2m
+        pending: list[int] = []
+        run = 0
+        prev = -2
+        for pfn in pfns:
+            if p2m[pfn] != INVALID:
+                continue
+            p2m[pfn] = 0  # claimed; the real mfn follows below
+            pending.append(pfn)
+            run = run + 1 if pfn == prev + 1 else 1
+            prev = pfn
+            if run >= abi.SUPERPAGE_FRAMES and pfn % abi.SUPERPAGE_FRAMES == abi.SUPERPAGE_FRAMES - 1:
+                first = pfn - (abi.SUPERPAGE_FRAMES - 1)
+                try:
+                    base = self.hv.populate_physmap(self.domid, [first], abi.SUPERPAGE_ORDER)[0]
+                except HypervisorError:
+                    continue  # order 0 below picks them up
+                p2m[first:pfn + 1] = array("Q", range(base, base + abi.SUPERPAGE_FRAMES))
+                del pending[-abi.SUPERPAGE_FRAMES:]
+                self.pages_populated += abi.SUPERPAGE_FRAMES
+                run = 0
+        if pending:
+            try:
+                mfns = self.hv.populate_physmap(self.domid, pending, 0)
+            except HypervisorError as exc:
+                for pfn in pending:
+                    p2m[pfn] = INVALID
+                raise _Fail(f"cannot populate {len(pending)} pfns from {pending[0]:#x}: {exc}") from None
+            _require(len(mfns) == len(pending) and INVALID not in mfns, "populate returned too few frames")
+            for pfn, mfn in zip(pending, mfns):
+                p2m[pfn] = mfn
+            self.pages_populated += len(pending)
+
+    def _in_pseudophys(self, mfn: int) -> bool:
+        if mfn > self._max_mfn or mfn >= len(self._m2p):
+            return False
+        pfn = self._m2p[mfn]
+        return pfn <= self._max_pfn and self._p2m[pfn] == mfn
+
+    def _verify_record(self, body) -> None:
+        self._verify = True
+
+    # ------------------------------------------------------------------ per-checkpoint state
+
+    def _vcpu_record(self, kind: str) -> Callable:
+        def stash(body) -> None:
+            blob = body.context
+            if not blob:
+                log.info("skipping empty vcpu record", kind=kind, vcpu=body.vcpu_id, offset=self._offset)
+                return
+            _require(body.vcpu_id < len(self._vcpus),
+                     f"vcpu {body.vcpu_id} out of range (domain has {len(self._vcpus)})")
+            _require(self._pv_info, "received before X86_PV_INFO")
+            size = len(blob)
+            if kind == "basic":
+                expected = abi.VCPU_CONTEXT_SIZES[self._width]
+                _require(size == expected, f"vcpu {body.vcpu_id} context is {size} bytes, expected {expected}")
+            elif kind == "extended":
+                _require(size <= abi.EXT_VCPU_CONTEXT_MAX, f"{size} bytes exceed {abi.EXT_VCPU_CONTEXT_MAX}")
+            elif kind == "xsave":
+                _require(size >= abi.XSAVE_HEADER_SIZE, f"{size} bytes, expected at least {abi.XSAVE_HEADER_SIZE}")
+            else:
+                _require(size % abi.MSR_ENTRY_SIZE == 0, f"{size} bytes is not a multiple of {abi.MSR_ENTRY_SIZE}")
+            setattr(self._vcpus[body.vcpu_id], kind, blob)
+
+        return stash
+
+    def _shared_info(self, body) -> None:
+        _require(self._pv_info, "received before X86_PV_INFO")
+        layout = abi.SHARED_INFO_LAYOUTS[self._width]
+        frame = self._call("map shared_info", self.hv.map_foreign, self.domid, [self._info.shared_info_frame], True)[0]
+        _require(frame is not None, "cannot map the domain's shared_info frame")
+        source = body.data
+        vcpu_area = abi.XEN_LEGACY_MAX_VCPUS * abi.VCPU_INFO_SIZE
+        frame[layout.vcpu_info:layout.vcpu_info + vcpu_area] = source[layout.vcpu_info:layout.vcpu_info + vcpu_area]
+        frame[layout.arch:layout.arch_end] = source[layout.arch:layout.arch_end]
+        struct.pack_into(layout.word, frame, layout.pfn_to_mfn_frame_list_list, 0)
+        for vcpu in range(abi.XEN_LEGACY_MAX_VCPUS):
+            struct.pack_into(layout.word, frame, vcpu * abi.VCPU_INFO_SIZE + layout.evtchn_pending_sel, 0)
+        frame[layout.evtchn_pending:layout.evtchn_pending + layout.evtchn_bytes] = bytes(layout.evtchn_bytes)
+        frame[layout.evtchn_mask:layout.evtchn_mask + layout.evtchn_bytes] = b"\xff" * layout.evtchn_bytes
+
+    def _tsc_info(self, body) -> None:
+        self._call("set TSC info", self.hv.set_tsc_info, self.domid,
+                   TscInfo(mode=body.mode, khz=body.khz, nsec=body.nsec, incarnation=body.incarnation))
+
+    def _checkpoint(self, body) -> None:
+        raise _Fail("CHECKPOINT in a plain (not checkpointed) stream")
+
+    # ------------------------------------------------------------------ completion (spec 5.8)
+
+    def _end(self, body) -> None:
+        _require(not self._pending_remaining(), "PAGE_DATA payload incomplete")
+        _require(self._max_pfn >= 0, "stream has no X86_PV_P2M_FRAMES")
+        _require(self._vcpus[0].basic is not None, "no X86_PV_VCPU_BASIC record for vcpu 0")
+        start_info_pfn, store_mfn, console_mfn = -1, 0, 0
+        for vcpu_id, state in enumerate(self._vcpus):
+            if state.basic is not None:
+                context = VcpuContext.unpack(state.basic, self._width)
+                if vcpu_id == 0:
+                    start_info_pfn = context.start_info
+                    start_info_mfn, store_mfn, console_mfn = self._process_start_info(start_info_pfn)
+                    context = attrs.evolve(context, start_info=start_info_mfn)
+                context = self._localised_vcpu(vcpu_id, context)
+                self._call(f"set vcpu{vcpu_id} context", self.hv.set_vcpu_context, self.domid, vcpu_id, context)
+            if state.extended is not None:
+                self._call(f"set vcpu{vcpu_id} extended context", self.hv.set_ext_vcpu_context, self.domid,
+                           vcpu_id, state.extended)
+            if state.xsave is not None:
+                mask = int.from_bytes(state.xsave[8:16], "little")
+                self._call(f"set vcpu{vcpu_id} xsave", self.hv.set_vcpu_xsave, self.domid, vcpu_id,
+                           XsaveState(xfeature_mask=mask, data=state.xsave))
+            if state.msrs is not None:
+                self._call(f"set vcpu{vcpu_id} MSRs", self.hv.set_vcpu_msrs, self.domid, vcpu_id, state.msrs)
+        self._pin_pagetables()
+        self._write_guest_p2m()
+        self._seed_grant_table(store_mfn, console_mfn)
+        self._done = RestoreResult(
+            domid=self.domid, width=self._width, levels=self._levels, max_pfn=self._max_pfn,
+            store_mfn=store_mfn, console_mfn=console_mfn, start_info_pfn=start_info_pfn, p2m=self._p2m,
+            p2m_pfns=tuple(self._p2m_pfns), pages_written=self.pages_written,
+            pages_populated=self.pages_populated)
+
+    def _mfn_for(self, pfn: int, what: str, want_type: int | None = abi.PAGETYPE_NOTAB) -> int:
+        _require(pfn <= self._max_pfn, f"{what} pfn {pfn:#x} out of range (max_pfn {self._max_pfn:#x})")
+        if want_type is not None:
+            _require(self._types[pfn] == want_type,
+                     f"{what} pfn {pfn:#x} has type {abi.pagetype_name(self._types[pfn])}, "
+                     f"expected {abi.pagetype_name(want_type)}")
+        mfn = self._p2m[pfn]
+        _require(self._in_pseudophys(mfn), f"{what} pfn {pfn:#x} has no consistent frame (mfn {mfn:#x})")
+        return mfn
+
+    def _top_table_mfn(self, pfn: int, what: str) -> int:
+        _require(pfn <= self._max_pfn, f"{what} pfn {pfn:#x} out of range (max_pfn {self._max_pfn:#x})")
+        level = abi.pagetable_level(self._types[pfn])
+        _require(level == self._levels, f"{what} pfn {pfn:#x} has type {abi.pagetype_name(self._types[pfn])}, "
+                                        f"expected an L{self._levels} table")
+        return self._mfn_for(pfn, what, None)
+
+    def _process_start_info(self, pfn: int) -> tuple[int, int, int]:
+        mfn = self._mfn_for(pfn, "start_info")
+        layout = abi.START_INFO_LAYOUTS[self._width]
+        page = self._call("map start_info", self.hv.map_foreign, self.domid, [mfn], True)[0]
+        _require(page is not None, f"cannot map start_info (pfn {pfn:#x})")
+        word = layout.word
+
+        def ring(field: int, evtchn_field: int, evtchn: int, what: str) -> int:
+            ring_pfn = struct.unpack_from(word, page, field)[0]
+            _require(ring_pfn <= self._max_pfn, f"{what} pfn {ring_pfn:#x} out of range")
+            ring_mfn = self._p2m[ring_pfn]
+            _require(self._in_pseudophys(ring_mfn), f"{what} pfn {ring_pfn:#x} has no consistent frame")
+            struct.pack_into(word, page, field, ring_mfn)
+            struct.pack_into("<I", page, evtchn_field, evtchn)
+            return ring_mfn
+
+        store = ring(layout.store_mfn, layout.store_evtchn, self.store_evtchn, "xenstore ring")
+        console = ring(layout.console_mfn, layout.console_evtchn, self.console_evtchn, "console ring")
+        console_page = self._call("map console ring", self.hv.map_foreign, self.domid, [console], True)[0]
+        _require(console_page is not None, "cannot map the console ring")
+        console_page[abi.XENCONSOLE_CONNECTION_OFFSET] = abi.XENCONSOLE_DISCONNECTED
+        struct.pack_into(word, page, layout.nr_pages, self._max_pfn + 1)
+        struct.pack_into(word, page, layout.shared_info, self._info.shared_info_frame << abi.PAGE_SHIFT)
+        struct.pack_into("<I", page, layout.flags, 0)
+        return mfn, store, console
+
+    def _localised_vcpu(self, vcpu_id: int, context: VcpuContext) -> VcpuContext:
+        _require(context.gdt_ents <= abi.MAX_GDT_ENTS, f"vcpu{vcpu_id} gdt_ents {context.gdt_ents} too large")
+        used = abi.gdt_frames_used(context.gdt_ents)
+        gdt = tuple(self._mfn_for(pfn, f"vcpu{vcpu_id} GDT frame {i}") if i < used else pfn
+                    for i, pfn in enumerate(context.gdt_frames))
+        cr3_mfn = self._top_table_mfn(abi.mfn_from_cr3(context.cr3, self._width), f"vcpu{vcpu_id} cr3")
+        cr1 = context.cr1
+        if self._levels == 4 and cr1 & 1:
+            cr1 = self._top_table_mfn(cr1 >> abi.PAGE_SHIFT, f"vcpu{vcpu_id} cr1") << abi.PAGE_SHIFT
+        return attrs.evolve(context, flags=context.flags | abi.VGCF_ONLINE, gdt_frames=gdt,
+                            cr3=abi.cr3_from_mfn(cr3_mfn, self._width), cr1=cr1)
+
+    def _pin_pagetables(self) -> None:
+        ops: list[tuple[int, int]] = []
+        pfns: list[int] = []
+        for pfn, page_type in enumerate(self._types):
+            level = abi.pagetable_level(page_type)
+            if page_type & abi.PAGETYPE_LPINTAB and level:
+                ops.append((level, self._p2m[pfn]))
+                pfns.append(pfn)
+                if len(ops) == abi.MAX_BATCH_SIZE:
+                    self._pin(ops, pfns)
+                    ops, pfns = [], []
+        if ops:
+            self._pin(ops, pfns)
+
+    def _pin(self, ops: list[tuple[int, int]], pfns: list[int]) -> None:
+        try:
+            self.hv.mmuext_pin(self.domid, ops)
+        except HypervisorError as exc:
+            where = f"L{ops[exc.index][0]} pagetable at pfn {pfns[exc.index]:#x}" if 0 <= exc.index < len(ops) else "pagetables"
+            raise _Fail(f"cannot pin {where}: {exc}") from None
+
+    def _write_guest_p2m(self) -> None:
+        fpp = abi.frames_per_page(self._width)
+        frames = self._max_pfn // fpp + 1
+        mfns = [self._mfn_for(self._p2m_pfns[i], f"P2M frame {i}") for i in range(frames)]
+        pages = self._call("map the guest P2M", self.hv.map_foreign, self.domid, mfns, True)
+        if self._width == abi.WIDTH_64:
+            words = self._p2m
+        else:
+            words = array("I", (abi.INVALID_MFN_32 if m == INVALID else m for m in self._p2m))
+        raw = memoryview(words).cast("B")
+        for i, page in enumerate(pages):
+            _require(page is not None, f"cannot map P2M frame {i}")
+            chunk = raw[i * abi.PAGE_SIZE:(i + 1) * abi.PAGE_SIZE]
+            page[:len(chunk)] = chunk
+
+    def _seed_grant_table(self, store_mfn: int, console_mfn: int) -> None:
+        table = self._call("map grant table", self.hv.map_grant_frame, self.domid, 0)
+        entry = _GRANT_ENTRY.size
+        _GRANT_ENTRY.pack_into(table, abi.GNTTAB_RESERVED_CONSOLE * entry, abi.GTF_PERMIT_ACCESS,
+                               self.console_domid, console_mfn & 0xFFFF_FFFF)
+        _GRANT_ENTRY.pack_into(table, abi.GNTTAB_RESERVED_XENSTORE * entry, abi.GTF_PERMIT_ACCESS,
+                               self.store_domid, store_mfn & 0xFFFF_FFFF)
+
+
+def _name(record_type: int) -> str:
+    from xenstream.v2.records import libxc_record_name
+
+    return libxc_record_name(record_type)
+
+
+class DomainFactory(Protocol):
+    """The toolstack operations around a restore (spec 7.8); `SimXen` provides them."""
+
+    def create_domain(self, max_vcpus: int = 1, max_pages: int = 0, hvm: bool = False) -> int: ...
+
+    def destroy_domain(self, domid: int) -> None: ...
+
+
+def restore_new_domain(hv, chunks: Iterable[bytes], *, max_vcpus: int, max_pages: int,
+                       store_evtchn: int = 1, console_evtchn: int = 2) -> RestoreResult:
+    """Create a PV domain on `hv` (a Hypervisor that is also a DomainFactory), restore the stream into it,
+    and destroy the domain again if the restore fails for any reason."""
+    domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages)
+    try:
+        restorer = PvRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
+        for chunk in chunks:
+            restorer.feed(chunk)
+        return restorer.finish()
+    except BaseException:
+        hv.destroy_domain(domid)
+        raise

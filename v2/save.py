@@ -1,0 +1,247 @@
+"""The native v2 save engine for PV guests, non-live (spec save-restore-engines 3.1-3.8).
+
+    result = save_pv(hv, domid, writer, suspend=callback)
+
+writes exactly the record sequence of spec 3.3: image and domain headers (v3), X86_PV_INFO, the CPU
+policy records when non-empty, STATIC_DATA_END, X86_PV_P2M_FRAMES, then (after `suspend()` and a
+check that the domain is shut down for suspend) one PAGE_DATA record per 1024 pfns with pagetables
+normalised, X86_TSC_INFO, SHARED_INFO, the records of every online vcpu and END.
+
+Failures raise `SaveError` (one line naming what was wrong, for a bad pagetable the pfn and entry);
+no END is written then, and log-dirty is switched off whatever happens (spec 3.8).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+import attrs
+import structlog
+
+from xenstream.hv import abi
+from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
+from xenstream.hv.interface import Hypervisor
+from xenstream.hv import kernels
+from xenstream.hv.pagetables import NORMALISE_OK, xen_slot_range
+from xenstream.v2 import constants as C
+from xenstream.v2.records import (
+    DomainHeader,
+    End,
+    ImageHeader,
+    SharedInfo,
+    StaticDataEnd,
+    X86PvInfo,
+    X86PvP2mFrames,
+    X86PvVcpuBasic,
+    X86PvVcpuExtended,
+    X86PvVcpuMsrs,
+    X86PvVcpuXsave,
+    X86TscInfo,
+)
+from xenstream.v2.writer import V2Writer, encode_record
+
+log = structlog.get_logger()
+
+STREAM_VERSION = 3
+_EXT_SIZE_OFFSET = 4
+
+
+class SaveError(Exception):
+    """The guest could not be saved; `errno` follows the C engine's choice where there is one."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@attrs.frozen
+class SaveResult:
+    width: int
+    levels: int
+    max_pfn: int
+    pages_written: int
+    records: int
+    bytes_written: int
+
+
+class _Policy:
+    """The CPU policy records, CPUID first, each only when non-empty (spec 3.3)."""
+
+    @staticmethod
+    def records(hv: Hypervisor, domid: int) -> list[tuple[int, bytes]]:
+        policy = hypervisor_call("get CPU policy", hv.get_cpu_policy, domid)
+        out = []
+        if policy.cpuid:
+            out.append((C.REC_X86_CPUID_POLICY, bytes(policy.cpuid)))
+        if policy.msrs:
+            out.append((C.REC_X86_MSR_POLICY, bytes(policy.msrs)))
+        return out
+
+
+def _first_bad_entry(view: PvGuestView, level: int, page: memoryview) -> str:
+    """Why a pagetable page failed normalisation, naming the first offending entry (slow path, errors only)."""
+    if view.levels == 3 and level == 4:
+        return "an L4 table in a 3-level guest"
+    compat = abi.INVALID_MFN if view.compat_m2p_mfn0 is None else view.compat_m2p_mfn0
+    entries = page.cast("Q")
+    slots = xen_slot_range(view.levels, level, entries, compat) or range(0)
+    for index, pte in enumerate(entries):
+        if index in slots or not pte & abi.PTE_PRESENT:
+            continue
+        if level > 1 and pte & abi.PTE_PSE:
+            return f"entry {index} ({pte:#018x}) maps a superpage, which cannot be migrated"
+        mfn = abi.pte_frame(pte)
+        if not view.in_pseudophys(mfn):
+            return f"entry {index} ({pte:#018x}) names mfn {mfn:#x}, which is not in the guest's pseudo-physical map"
+    return "the page changed while it was being normalised"
+
+
+def normalised_tables(view: PvGuestView, pfns: list[int], levels: list[int], pages: list[memoryview]) -> memoryview:
+    """The stream form of pagetable pages (one 4096-byte slice each); SaveError naming pfn and entry."""
+    buffer = bytearray(len(pages) * abi.PAGE_SIZE)
+    for k, page in enumerate(pages):
+        buffer[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE] = page
+    status = bytearray(len(pages))
+    if kernels.normalise_pages(view.tables, buffer, levels, status):
+        k = next(i for i, code in enumerate(status) if code != NORMALISE_OK)
+        raise SaveError(f"cannot normalise the L{levels[k]} pagetable at pfn {pfns[k]:#x}: "
+                        f"{_first_bad_entry(view, levels[k], pages[k])}", errno.ERANGE)
+    return memoryview(buffer)
+
+
+def stream_pages(view: PvGuestView, first_pfn: int, count: int):
+    """Types and payloads of pfns first..first+count-1 as a fresh save emits them.
+
+    Returns (types, payloads): one stream type nibble per pfn and, in pfn order, one buffer per entry
+    whose type carries data (normalised copies for pagetables, the guest's own frames otherwise).
+    """
+    hv, domid = view.hv, view.domid
+    gfns = view.gfns(first_pfn, count)
+    codes = hypervisor_call(f"page-type query of pfns {first_pfn:#x}+{count}", hv.get_page_types, domid, gfns)
+    types = [code >> abi.PFINFO_LTAB_SHIFT for code in codes]
+    data_index = []
+    for i, (code, page_type) in enumerate(zip(codes, types)):
+        if code & ~abi.PFINFO_LTAB_MASK or page_type not in abi.KNOWN_PAGETYPES:
+            raise SaveError(f"unknown page type {code:#x} for pfn {first_pfn + i:#x}")
+        if abi.pagetype_has_data(page_type):
+            data_index.append(i)
+    if not data_index:
+        return types, []
+    mapped = hypervisor_call("map page batch", hv.map_foreign, domid, [gfns[i] for i in data_index])
+    payloads: list = list(mapped)
+    table_slots, table_pfns, table_levels = [], [], []
+    for slot, (i, page) in enumerate(zip(data_index, mapped)):
+        if page is None:
+            raise SaveError(f"cannot map pfn {first_pfn + i:#x} (mfn {gfns[i]:#x})", errno.EFAULT)
+        level = abi.pagetable_level(types[i])
+        if level:
+            table_slots.append(slot)
+            table_pfns.append(first_pfn + i)
+            table_levels.append(level)
+    if table_slots:
+        tables = normalised_tables(view, table_pfns, table_levels, [mapped[s] for s in table_slots])
+        for k, slot in enumerate(table_slots):
+            payloads[slot] = tables[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE]
+    return types, payloads
+
+
+def vcpu_records(view: PvGuestView, vcpu_id: int) -> list:
+    """The records of one online vcpu, in stream order: BASIC, then EXTENDED/XSAVE/MSRS when non-empty."""
+    hv, domid = view.hv, view.domid
+    context = hypervisor_call(f"get vcpu{vcpu_id} context", hv.get_vcpu_context, domid, vcpu_id)
+    try:
+        basic = view.normalised_vcpu(vcpu_id, context)
+    except GuestStateError as exc:
+        raise SaveError(str(exc), exc.errno) from exc
+    records = [X86PvVcpuBasic(vcpu_id, basic.pack())]
+    ext = hypervisor_call(f"get vcpu{vcpu_id} extended context", hv.get_ext_vcpu_context, domid, vcpu_id)
+    if len(ext) >= 8 and int.from_bytes(ext[_EXT_SIZE_OFFSET:_EXT_SIZE_OFFSET + 4], "little"):
+        records.append(X86PvVcpuExtended(vcpu_id, ext))
+    xsave = hypervisor_call(f"get vcpu{vcpu_id} xsave", hv.get_vcpu_xsave, domid, vcpu_id)
+    if xsave.xfeature_mask and xsave.data:
+        records.append(X86PvVcpuXsave(vcpu_id, xsave.data))
+    msrs = hypervisor_call(f"get vcpu{vcpu_id} MSRs", hv.get_vcpu_msrs, domid, vcpu_id)
+    if msrs:
+        records.append(X86PvVcpuMsrs(vcpu_id, msrs))
+    return records
+
+
+class _PvSaver:
+    def __init__(self, hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], bool]) -> None:
+        self.hv = hv
+        self.domid = domid
+        self.writer = writer
+        self.suspend = suspend
+        self.records = 0
+        self.pages = 0
+
+    def _record(self, record) -> None:
+        self.writer.record(record)
+        self.records += 1
+
+    def _raw_record(self, record_type: int, body: bytes) -> None:
+        self.writer.write(encode_record(record_type, body))
+        self.records += 1
+
+    def run(self) -> SaveResult:
+        try:
+            view = PvGuestView.open(self.hv, self.domid)
+        except GuestStateError as exc:
+            raise SaveError(str(exc), exc.errno) from exc
+        log.info("save setup", domid=self.domid, width=view.width, max_pfn=view.max_pfn,
+                 p2m="linear" if view.linear_p2m else "tree")
+        version = self.hv.get_xen_version()
+        self.writer.image_header(ImageHeader(version=STREAM_VERSION))
+        self.writer.domain_header(DomainHeader(guest_type=C.DOMAIN_TYPE_X86_PV, xen_major=version.major,
+                                               xen_minor=version.minor))
+        self._record(X86PvInfo(guest_width=view.width, pt_levels=view.levels))
+        for record_type, body in _Policy.records(self.hv, self.domid):
+            self._raw_record(record_type, body)
+        self._record(StaticDataEnd())
+        self._record(X86PvP2mFrames(start_pfn=0, end_pfn=view.max_pfn, frames=view.p2m_pfns))
+
+        self._suspend(view)
+        self._send_memory(view)
+        self._require_suspended(view)
+
+        tsc = hypervisor_call("get TSC info", self.hv.get_tsc_info, self.domid)
+        self._record(X86TscInfo(mode=tsc.mode, khz=tsc.khz, nsec=tsc.nsec, incarnation=tsc.incarnation))
+        self._record(SharedInfo(bytes(view.shared_info)))
+        for vcpu_id in range(view.info.max_vcpu_id + 1):
+            if hypervisor_call(f"get vcpu{vcpu_id} info", self.hv.get_vcpu_online, self.domid, vcpu_id):
+                for record in vcpu_records(view, vcpu_id):
+                    self._record(record)
+        self._record(End())
+        self.writer.flush()
+        return SaveResult(width=view.width, levels=view.levels, max_pfn=view.max_pfn, pages_written=self.pages,
+                          records=self.records, bytes_written=self.writer.position)
+
+    def _suspend(self, view: PvGuestView) -> None:
+        if not self.suspend():
+            raise SaveError("the suspend callback failed", errno.EINVAL)
+        self._require_suspended(view)
+
+    def _require_suspended(self, view: PvGuestView) -> None:
+        if not view.refresh_info().suspended:
+            raise SaveError(f"domain {self.domid} is not shut down for suspend", errno.EINVAL)
+
+    def _send_memory(self, view: PvGuestView) -> None:
+        batch = abi.MAX_BATCH_SIZE
+        for first in range(0, view.p2m_size, batch):
+            count = min(batch, view.p2m_size - first)
+            types, payloads = stream_pages(view, first, count)
+            self.writer.page_data(range(first, first + count), types, payloads)
+            self.records += 1
+            self.pages += len(payloads)
+
+
+def save_pv(hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], bool]) -> SaveResult:
+    """Save PV domain `domid` non-live into `writer` (spec 3.3); `suspend()` must suspend it and return True."""
+    try:
+        return _PvSaver(hv, domid, writer, suspend).run()
+    finally:
+        try:
+            hv.shadow_off(domid)
+        except Exception as exc:  # cleanup must not hide the first error
+            log.warning("shadow off failed during save cleanup", domid=domid, error=str(exc))

@@ -83,6 +83,7 @@ log = structlog.get_logger()
 
 CONVERTER_VERSION = 1  # xen_minor of a converted stream: the converter's version, as Xen's writes it
 FORMATS = ("libxc", "libxl")
+AUTO_FORMAT = "auto"  # libxl for an xl save file (xl needs a libxl stream behind its header), else libxc
 _GUEST_TYPES = {"pv": C.DOMAIN_TYPE_X86_PV, "hvm": C.DOMAIN_TYPE_X86_HVM}
 _HVM_PARAM_STORE_PFN = 1
 _HVM_PARAM_IOREQ_PFN = 5
@@ -106,8 +107,8 @@ class ConvertOptions:
     drop_tmem: bool = False
 
     def __attrs_post_init__(self):
-        if self.fmt not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}")
+        if self.fmt not in (*FORMATS, AUTO_FORMAT):
+            raise ValueError(f"format must be one of {FORMATS} or {AUTO_FORMAT!r}")
 
 
 class Spool(Protocol):
@@ -211,6 +212,8 @@ class Transformer:
     # ------------------------------------------------------------------ wrappers and headers
 
     def _xl_header(self, event: ev.XlHeader) -> None:
+        if self.options.fmt == AUTO_FORMAT:
+            self._libxl = True
         flags = event.mandatory_flags | (C.XL_FLAG_STREAMV2 if self._libxl else 0)
         self.writer.xl_header(XlHeader(mandatory_flags=flags, optional_flags=event.optional_flags,
                                        optional_data=event.optional_data))

@@ -104,8 +104,9 @@ _WORD = {abi.WIDTH_64: struct.Struct("<Q"), abi.WIDTH_32: struct.Struct("<I")}
 class VcpuContext:
     """A PV vcpu_guest_context: the frame-bearing fields decoded, everything else kept as bytes.
 
-    `blob` is the exact Xen layout (5168 or 2800 bytes); `pack()` writes the decoded fields back
-    over it, so `VcpuContext.unpack(blob, width).pack() == blob`. Frame fields hold mfns inside the
+    `blob` holds every other byte in the exact Xen layout (5168 or 2800 bytes); `pack()` writes the
+    decoded fields over it and is the authoritative byte form (`attrs.evolve` a field, then `pack()`),
+    so `VcpuContext.unpack(blob, width).pack() == blob`. Frame fields hold mfns inside the
     hypervisor and pfns inside a stream; `cr3` is in cr3 encoding (abi.cr3_from_mfn), `cr1` is
     ctrlreg[1] (64-bit only, 0 = none), `start_info` is user_regs.rdx/edx.
     """

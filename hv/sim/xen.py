@@ -123,7 +123,7 @@ class SimXen:
         dom = self._domain(domid)
         vcpu0 = dom.vcpus[0].context
         layout = abi.VCPU_CONTEXT_LAYOUTS[dom.width]
-        blob = bytearray(vcpu0.blob)
+        blob = bytearray(vcpu0.pack())
         blob[layout.rax:layout.rax + dom.width] = (1).to_bytes(dom.width, "little")
         dom.vcpus[0].context = VcpuContext.unpack(bytes(blob), dom.width)
         dom.shutdown = False

@@ -85,6 +85,6 @@ class InputBuffer:
 
     def skip_external(self, n: int) -> None:
         """Count n bytes the driver moved itself (only when nothing is buffered)."""
-        if self._available:
+        if n and self._available:
             raise ValueError(f"{self._available} payload bytes are still buffered; take them first")
         self.offset += n

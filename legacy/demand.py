@@ -86,10 +86,3 @@ class ReadSome:
         if buffer.eof:
             return buffer.take(buffer.available)
         return NOT_YET
-
-
-@attrs.frozen
-class Payload:
-    """n bytes of page data the driver takes itself (passthrough mode); met once all are consumed."""
-
-    n: int

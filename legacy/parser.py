@@ -49,9 +49,9 @@ against a page last seen uncompressed.
 from __future__ import annotations
 
 from xenstream.legacy.buffer import InputBuffer
-from xenstream.legacy.demand import NOT_YET, InputEnded, Payload
+from xenstream.legacy.demand import NOT_YET, InputEnded
 from xenstream.legacy.errors import StreamError, TruncatedStream
-from xenstream.legacy.events import Detected, EndOfStream, Event, PageData
+from xenstream.legacy.events import Detected, EndOfStream, Event, PageBatch, PageData
 from xenstream.legacy.walk import Walker
 
 
@@ -131,21 +131,21 @@ class LegacyParser:
                 return self._payload_piece()
             value = None
             if self._demand is not None:
-                if not isinstance(self._demand, Payload):
-                    value = self._demand.attempt(self._buffer)
-                    if value is NOT_YET:
-                        return NEED_DATA
+                value = self._demand.attempt(self._buffer)
+                if value is NOT_YET:
+                    return NEED_DATA
                 self._demand = None
             try:
                 item = self._walk.send(value)
             except StopIteration:
                 self._done = True
                 return DONE
-            if isinstance(item, Event):
-                return item
-            if isinstance(item, Payload):
-                self._payload_left = item.n
-            self._demand = item
+            if not isinstance(item, Event):
+                self._demand = item
+                continue
+            if isinstance(item, PageBatch) and item.payload is None:
+                self._payload_left = item.payload_length  # passthrough: the payload follows in the input
+            return item
 
     def _payload_piece(self):
         if self._buffer.available:

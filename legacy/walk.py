@@ -21,7 +21,7 @@ from xenstream.hv.abi import PAGE_SIZE
 from xenstream.legacy import constants as c
 from xenstream.legacy.buffer import InputBuffer
 from xenstream.legacy.compression import CheckpointDecoder, PageStore
-from xenstream.legacy.demand import InputEnded, Payload, Peek, Read, ReadOrEnd, ReadSome
+from xenstream.legacy.demand import InputEnded, Peek, Read, ReadOrEnd, ReadSome
 from xenstream.legacy.detect import V1_PEEK, WRAPPER_PEEK, detect_guest, detect_width, guest_from_vcpu_block, identify_wrapper
 from xenstream.legacy.errors import MalformedStream, UnsupportedStream
 from xenstream.legacy.events import (
@@ -381,9 +381,7 @@ class Walker:
             return
         length = data_pages * PAGE_SIZE
         if self._passthrough:
-            yield PageBatch(entries, None, False, data_pages, offset=at)
-            if length:
-                yield Payload(length)
+            yield PageBatch(entries, None, False, data_pages, offset=at)  # the parser counts its payload out
             return
         payload = (yield Read(length, f"the page data of a {count}-entry batch")) if length else memoryview(b"")
         if self._keep_all_pages and not self._verify:

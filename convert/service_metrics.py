@@ -34,6 +34,11 @@ def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     return "{" + ",".join(escaped) + "}"
 
 
+def _number(value: float) -> str:
+    """Exact integers (byte counters outgrow %g's six digits); floats in full precision."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -73,7 +78,7 @@ class Metrics:
                 if not family and kind == "gauge":
                     lines.append(f"{name} 0")
                 for key, amount in sorted(family.items()):
-                    lines.append(f"{name}{_labels(key)} {amount:g}")
+                    lines.append(f"{name}{_labels(key)} {_number(amount)}")
         return "\n".join(lines) + "\n"
 
     def _render_histogram(self, name: str) -> list[str]:
@@ -82,7 +87,7 @@ class Metrics:
             for bound, count in zip(DURATION_BUCKETS, cells):
                 lines.append(f"{name}_bucket{_labels(key + (('le', f'{bound:g}'),))} {count}")
             lines.append(f"{name}_bucket{_labels(key + (('le', '+Inf'),))} {cells[-1]}")
-            lines.append(f"{name}_sum{_labels(key)} {cells[-2]:.6f}")
+            lines.append(f"{name}_sum{_labels(key)} {_number(cells[-2])}")
             lines.append(f"{name}_count{_labels(key)} {cells[-1]}")
         return lines
 

@@ -21,11 +21,18 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
+from xenstream.convert.transform import ConvertOptions, Payload, Transformer
+from xenstream.legacy.errors import MalformedStream as LegacyMalformed
+from xenstream.legacy.errors import UnsupportedStream as LegacyUnsupported
+from xenstream.legacy.events import Detected
+from xenstream.legacy.parser import DONE, LegacyParser
+from xenstream.legacy.parser import NEED_DATA as LEGACY_NEED_DATA
 from xenstream.v2 import constants as V2
 from xenstream.v2.errors import MalformedStream as V2Malformed
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.verify import Verifier
+from xenstream.v2.writer import V2Writer
 
 CLASSIFY_PEEK = len(V2.XL_MAGIC) + 8  # xl magic, byte order, mandatory flags
 _V2_PREFIXES = (struct.pack(">Q", V2.LIBXL_IDENT), struct.pack(">Q", V2.IMAGE_MARKER))
@@ -182,6 +189,111 @@ class V2Passthrough:
             raise V2Malformed(f"more than {self._max_buffered} bytes pending verification", self._forwarded)
 
 
+class _Outbox:
+    """V2Writer's file: collects what the writer produces, to be handed out by the conversion."""
+
+    def __init__(self) -> None:
+        self.buffers: list = []
+
+    def write(self, buffer) -> None:
+        self.buffers.append(buffer)
+
+    def take(self) -> list:
+        buffers, self.buffers = self.buffers, []
+        return buffers
+
+
+class LegacyUpgrade:
+    """A v1 stream converted to v2 as it arrives: the sans-IO LegacyParser (passthrough payloads) and
+    the Transformer. The parser is fed in small steps so that it never buffers much of a page payload:
+    payload bytes go from the caller's buffer to the output without a copy.
+
+    The records the transformer writes once it knows the stream is complete (the closing records of the
+    last checkpoint and END) are held back until `finish` has seen the end of input.
+    """
+
+    PARSER_STEP = 64 << 10
+    TRAILING_LIMIT = 64 << 10  # after the v1 stream: an xl "go" message is a few bytes
+
+    def __init__(self, fmt: str, width: int | None, guest: str | None, max_buffered: int):
+        self._parser = LegacyParser(width=width, guest=guest, passthrough=True)
+        self._outbox = _Outbox()
+        self._writer = V2Writer(self._outbox)
+        self._transformer = Transformer(self._writer, ConvertOptions(fmt=fmt), spool_factory=self._no_spool)
+        self._route = Payload.NOWHERE
+        self._max_buffered = max_buffered
+        self._fed = 0  # stream offset just past the last byte given to the parser or moved around it
+        self._end: int | None = None  # where the input was when the stream was complete
+        self._held: list = []
+        self._done = False
+        self.variant = "v1"
+        self.suffix = fmt
+
+    @property
+    def pages(self) -> int:
+        return self._transformer.summary().pages
+
+    def feed(self, data) -> list:
+        data = memoryview(data).cast("B")
+        parser = self._parser
+        while data:
+            if self._route is Payload.OUTPUT and parser.payload_pending and self._fed == parser.offset:
+                step = min(len(data), parser.payload_pending)
+                self._writer.write(data[:step])
+                parser.consumed_externally(step)
+            else:
+                step = min(len(data), self.PARSER_STEP)
+                parser.feed(data[:step])
+            self._fed += step
+            data = data[step:]
+            self._drain()
+        if self._fed - parser.offset > self._max_buffered:
+            raise LegacyMalformed(f"an element larger than the service's {self._max_buffered} byte buffering limit",
+                                  parser.offset)
+        if self._end is not None and self._fed - self._end > self.TRAILING_LIMIT:
+            raise LegacyMalformed(f"more than {self.TRAILING_LIMIT} bytes after the end of the stream", self._end)
+        return self._outbox.take()
+
+    def finish(self) -> list:
+        self._parser.feed(b"")
+        self._drain()
+        if not self._transformer.finished:
+            raise LegacyMalformed("the stream ended without completing a checkpoint", self._parser.offset)
+        return self._outbox.take() + self._held
+
+    def _drain(self) -> None:
+        parser, transformer, outbox = self._parser, self._transformer, self._outbox
+        while not self._done:
+            if self._route is not Payload.NOWHERE:
+                while parser.payload_pending and (piece := parser.take_payload()):
+                    self._writer.write(piece)
+                if parser.payload_pending:
+                    return
+                self._route = Payload.NOWHERE
+            event = parser.next_event()
+            if event is LEGACY_NEED_DATA:
+                return
+            if event is DONE:
+                self._done = True
+                return
+            if isinstance(event, Detected):
+                self.variant = f"v1-{event.guest}-{event.width}"
+            mark = len(outbox.buffers)
+            finished = transformer.finished
+            self._route = transformer.handle(event)
+            if transformer.finished and not finished:
+                self._held = [bytes(buffer) for buffer in outbox.buffers[mark:]]
+                del outbox.buffers[mark:]
+                self._end = parser.offset
+
+    @staticmethod
+    def _no_spool():
+        raise LegacyUnsupported("a Remus stream with more than one checkpoint: the service does not spool "
+                                "checkpoints; convert it offline")
+
+
 CONVERSIONS = {
+    "v1": lambda listener, config: LegacyUpgrade(listener.format, listener.width, listener.guest,
+                                                 config.max_buffered),
     "v2": lambda listener, config: V2Passthrough(config.max_buffered),
 }

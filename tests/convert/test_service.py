@@ -1,0 +1,383 @@
+"""`xenstream serve` end to end: the service as a subprocess, real loopback sockets, real faults."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.convert.service_harness import (
+    ServiceProcess,
+    SinkServer,
+    closed_port,
+    connect,
+    metric_value,
+    send_stream,
+)
+from xenstream.v2.synth import stream_bytes as v2_stream
+
+
+def _config(workdir: str, tcp_sink: SinkServer, unix_sink: SinkServer, stall_sink: SinkServer) -> str:
+    return f"""
+[service]
+max_connections = 24
+buffer_size = 262144
+metrics = "127.0.0.1:0"
+
+[timeouts]
+header = 2
+idle = 1.5
+connect = 2
+min_rate = 20000
+rate_window = 1
+shutdown_grace = 5
+
+[[listener]]
+name = "tcp"
+listen = "127.0.0.1:0"
+destination = "{tcp_sink.address}"
+
+[[listener]]
+name = "unix"
+listen = "unix:{workdir}/in.sock"
+destination = "{unix_sink.address}"
+format = "libxl"
+
+[[listener]]
+name = "dir"
+listen = "0"
+destination = "dir:{workdir}/out"
+
+[[listener]]
+name = "refused"
+listen = "127.0.0.1:0"
+destination = "127.0.0.1:{closed_port()}"
+
+[[listener]]
+name = "stall"
+listen = "127.0.0.1:0"
+destination = "{stall_sink.address}"
+"""
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("serve"))
+    os.mkdir(os.path.join(workdir, "out"))
+    sinks = {
+        "tcp": SinkServer(),
+        "unix": SinkServer(unix_path=os.path.join(workdir, "dest.sock")),
+        "stall": SinkServer(stall=True),
+    }
+    service = ServiceProcess(workdir, _config(workdir, sinks["tcp"], sinks["unix"], sinks["stall"])).start()
+    yield service, sinks, workdir
+    try:
+        assert service.stop() == 0
+    finally:
+        service.kill()
+        for sink in sinks.values():
+            sink.close()
+
+
+def _last_conn(service: ServiceProcess) -> int:
+    return max(e["conn"] for e in service.logs() if e.get("event") == "accepted")
+
+
+def _assert_healthy(service: ServiceProcess, sinks) -> None:
+    """A fresh migration through the service still succeeds."""
+    data = v2_stream(guest="pv", pages=64, wrap="libxc", seed=99)
+    send_stream(service.addresses["tcp"], data)
+    assert sinks["tcp"].next_stream() == data
+    assert service.stream_result(_last_conn(service))["result"] == "ok"
+
+
+def _assert_truncated_prefix(received: bytes, complete: bytes) -> None:
+    assert len(received) < len(complete)
+    assert complete.startswith(received)
+
+
+# ------------------------------------------------------------------------------------------ v2 passthrough
+
+
+@pytest.mark.parametrize("wrap, guest", [("libxc", "pv"), ("libxl", "hvm"), ("xl", "pv")])
+def test_v2_stream_passes_through_unchanged(rig, wrap, guest):
+    service, sinks, _ = rig
+    data = v2_stream(guest=guest, pages=300, wrap=wrap, seed=3)
+    send_stream(service.addresses["tcp"], data)
+    assert sinks["tcp"].next_stream() == data
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "ok"
+    assert result["variant"] == f"v2-{wrap}"
+    assert result["bytes_in"] == result["bytes_out"] == len(data)
+    assert result["pages"] > 0
+
+
+def test_unix_listener_to_unix_destination(rig):
+    service, sinks, _ = rig
+    data = v2_stream(guest="hvm", pages=128, wrap="libxl", seed=4)
+    send_stream(service.addresses["unix"], data)
+    assert sinks["unix"].next_stream() == data
+
+
+def test_directory_destination_writes_one_complete_file(rig):
+    service, _, workdir = rig
+    data = v2_stream(guest="pv", pages=200, wrap="libxl", seed=5)
+    send_stream(service.addresses["dir"], data)
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "ok"
+    path = result["destination"]
+    assert os.path.dirname(path) == os.path.join(workdir, "out")
+    with open(path, "rb") as handle:
+        assert handle.read() == data
+    assert not [name for name in os.listdir(os.path.dirname(path)) if name.startswith(".")]
+
+
+def test_directory_destination_keeps_no_file_of_a_bad_stream(rig):
+    service, _, workdir = rig
+    data = v2_stream(guest="pv", pages=200, wrap="libxl", seed=6)
+    before = set(os.listdir(os.path.join(workdir, "out")))
+    send_stream(service.addresses["dir"], data[: len(data) // 2])
+    assert service.stream_result(_last_conn(service))["result"] == "bad_stream"
+    assert set(os.listdir(os.path.join(workdir, "out"))) == before
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_source_killed_mid_stream(rig):
+    service, sinks, _ = rig
+    data = v2_stream(guest="pv", pages=2000, wrap="libxc", seed=7)
+    path = os.path.join(rig[2], "killed-source.bin")
+    with open(path, "wb") as handle:
+        handle.write(data)
+    host, port = service.addresses["tcp"].rsplit(":", 1)
+    sender = subprocess.Popen(
+        [sys.executable, "-c",
+         "import socket, sys, time\n"
+         f"s = socket.create_connection(({host!r}, {port}))\n"
+         f"s.sendall(open({path!r}, 'rb').read()[:{len(data) // 2}])\n"
+         "print('sent', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE)
+    try:
+        assert sender.stdout.readline().strip() == b"sent"
+        time.sleep(0.2)
+    finally:
+        sender.kill()
+        sender.wait(10)
+    _assert_truncated_prefix(sinks["tcp"].next_stream(), data)
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "bad_stream"
+    assert isinstance(result["offset"], int) and result["offset"] <= len(data) // 2
+    assert result["bytes_in"] == len(data) // 2
+    _assert_healthy(service, sinks)
+
+
+def test_garbage_input_is_refused_without_touching_the_destination(rig):
+    service, sinks, _ = rig
+    garbage = bytes((i * 37 + 11) & 0xFF for i in range(100_000))
+    reply = send_stream(service.addresses["tcp"], garbage)
+    assert reply == b""
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "bad_stream"
+    assert isinstance(result["offset"], int)
+    assert result["bytes_out"] == 0
+    assert sinks["tcp"].streams.empty()
+    _assert_healthy(service, sinks)
+
+
+def test_destination_refusing_closes_the_source(rig):
+    service, sinks, _ = rig
+    data = v2_stream(guest="pv", pages=2000, wrap="libxc", seed=8)
+    started = time.monotonic()
+    send_stream(service.addresses["refused"], data)  # returns once the service closed the connection
+    assert time.monotonic() - started < 10
+    assert service.stream_result(_last_conn(service))["result"] == "destination_refused"
+    _assert_healthy(service, sinks)
+
+
+def test_destination_stalling_closes_the_source(rig):
+    service, sinks, _ = rig
+    data = v2_stream(guest="pv", pages=16384, wrap="libxc", seed=9)  # 64 MiB: more than any socket buffers
+    started = time.monotonic()
+    send_stream(service.addresses["stall"], data)
+    assert time.monotonic() - started < 15
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "destination_stalled"
+    assert 0 < result["bytes_out"] < len(data)
+    _assert_healthy(service, sinks)
+
+
+def test_slow_loris_source_is_dropped(rig):
+    service, sinks, _ = rig
+    data = v2_stream(guest="pv", pages=64, wrap="libxc", seed=10)
+    with connect(service.addresses["tcp"]) as sock:
+        sock.sendall(data[:1000])
+        closed = False
+        for i in range(1000, 1060):  # one byte every 0.1 s: far below min_rate; bounded at 6 s
+            try:
+                sock.sendall(data[i : i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.1)
+            sock.setblocking(False)
+            try:
+                closed = sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed = True
+            sock.setblocking(True)
+            if closed:
+                break
+        assert closed
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "source_slow"
+    _assert_truncated_prefix(sinks["tcp"].next_stream(), data)
+    _assert_healthy(service, sinks)
+
+
+def test_silent_source_times_out_before_its_header(rig):
+    service, sinks, _ = rig
+    with connect(service.addresses["tcp"]) as sock:
+        started = time.monotonic()
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # the service hangs up on us
+        assert time.monotonic() - started < 5
+    assert service.stream_result(_last_conn(service))["result"] == "source_timeout"
+    _assert_healthy(service, sinks)
+
+
+# ------------------------------------------------------------------------------------------ operations
+
+
+def test_concurrent_migrations_are_all_correct(rig):
+    service, sinks, _ = rig
+    streams = [v2_stream(guest=("pv", "hvm")[i % 2], pages=256 + i, wrap=("libxc", "libxl")[i // 2 % 2], seed=100 + i)
+               for i in range(16)]
+    errors: list = []
+
+    def migrate(data: bytes) -> None:
+        try:
+            send_stream(service.addresses["tcp"], data)
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(data,)) for data in streams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    received = [sinks["tcp"].next_stream() for _ in streams]
+    assert sorted(received) == sorted(streams)
+
+
+def test_metrics_count_streams_bytes_and_failures(rig):
+    service, sinks, _ = rig
+    before = service.metrics()
+    data = v2_stream(guest="pv", pages=32, wrap="libxc", seed=11)
+    send_stream(service.addresses["tcp"], data)
+    sinks["tcp"].next_stream()
+    send_stream(service.addresses["tcp"], b"\0" * 64)
+    service.stream_result(_last_conn(service))
+    after = service.metrics()
+    assert metric_value(after, "xenstream_connections_total", listener="tcp") == \
+        metric_value(before, "xenstream_connections_total", listener="tcp") + 2
+    assert metric_value(after, "xenstream_bytes_in_total", listener="tcp") >= \
+        metric_value(before, "xenstream_bytes_in_total", listener="tcp") + len(data) + 64
+    assert metric_value(after, "xenstream_connections_failed_total", listener="tcp", reason="bad_stream") == \
+        metric_value(before, "xenstream_connections_failed_total", listener="tcp", reason="bad_stream") + 1
+    assert metric_value(after, "xenstream_pages_total", listener="tcp") >= \
+        metric_value(before, "xenstream_pages_total", listener="tcp") + 32
+    assert metric_value(after, "xenstream_connections_active") == 0
+    assert "xenstream_conversion_seconds_count" in after
+
+
+# ------------------------------------------------------------------------------------------ own instances
+
+
+def _small_service(tmp_path, sink: SinkServer, **service_settings) -> ServiceProcess:
+    settings = "\n".join(f"{key} = {value}" for key, value in service_settings.items())
+    config = f"""
+[service]
+{settings}
+
+[timeouts]
+shutdown_grace = 1.5
+idle = 10
+
+[[listener]]
+name = "tcp"
+listen = "127.0.0.1:0"
+destination = "{sink.address}"
+"""
+    return ServiceProcess(str(tmp_path), config).start()
+
+
+def test_allowlist_refuses_other_sources(tmp_path):
+    sink = SinkServer()
+    service = _small_service(tmp_path, sink, allow='["192.0.2.0/24"]')
+    try:
+        assert send_stream(service.addresses["tcp"], v2_stream(pages=16)) == b""
+        refused = service.wait_log(lambda e: e.get("event") == "connection refused")
+        assert refused["reason"] == "allowlist"
+        assert sink.streams.empty()
+        assert service.stop() == 0
+    finally:
+        service.kill()
+        sink.close()
+
+
+def test_connection_limit_refuses_the_extra_connection(tmp_path):
+    sink = SinkServer()
+    service = _small_service(tmp_path, sink, max_connections=1)
+    try:
+        data = v2_stream(pages=16, seed=12)
+        with connect(service.addresses["tcp"]) as holder:
+            holder.sendall(data[:100])
+            service.wait_log(lambda e: e.get("event") == "accepted")
+            with connect(service.addresses["tcp"]) as extra:
+                extra.settimeout(5)
+                assert extra.recv(1) == b""
+            assert service.wait_log(lambda e: e.get("event") == "connection refused")["reason"] == "limit"
+            holder.sendall(data[100:])
+            holder.shutdown(socket.SHUT_WR)
+            assert sink.next_stream() == data
+        assert service.stop() == 0
+    finally:
+        service.kill()
+        sink.close()
+
+
+def test_sigterm_lets_streams_finish_then_aborts_the_late_ones(tmp_path):
+    sink = SinkServer()
+    service = _small_service(tmp_path, sink)
+    try:
+        finishing = v2_stream(pages=64, seed=13)
+        late = v2_stream(pages=64, seed=14)
+        with connect(service.addresses["tcp"]) as first, connect(service.addresses["tcp"]) as second:
+            first.sendall(finishing[:5000])
+            second.sendall(late[:5000])
+            service.wait_log(lambda e: e.get("event") == "accepted" and e.get("conn") == 2)
+            service.proc.send_signal(15)
+            service.wait_log(lambda e: e.get("event") == "stopping")
+            with pytest.raises(OSError):  # no longer accepting
+                connect(service.addresses["tcp"], timeout=2).close()
+            first.sendall(finishing[5000:])
+            first.shutdown(socket.SHUT_WR)
+            assert sink.next_stream() == finishing
+            # the second one never finishes: aborted at the end of the grace period, without END
+            assert service.proc.wait(10) == 0
+        _assert_truncated_prefix(sink.next_stream(), late)
+        results = {e["conn"]: e["result"] for e in service.results()}
+        assert results == {1: "ok", 2: "aborted"}
+    finally:
+        service.kill()
+        sink.close()

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import pytest
 
 from tests.v2.verify_builder import (
-    BROKEN, CHECKPOINT, CHECKPOINT_END, CHECKPOINT_STATE, CPUID_POLICY, DIRTY_PFN_LIST, EMU_CONTEXT, EMU_XENSTORE,
-    END, HVM_PAGES, L1TAB, LIBXC_CONTEXT, NOTAB, PV_PAGES, STATIC_DATA_END, TOOLSTACK, VCPU_BASIC, VCPU_EXTENDED,
-    VCPU_MSRS, VCPU_XSAVE, VERIFY, XL_END, XL_MAGIC, XTAB, basic_context, cpuid_policy, dhdr, emulator, empty,
-    hvm_checkpoint_tail, hvm_context, hvm_params, hvm_records, hvm_static, hvm_stream, ihdr, libxc, libxl,
+    BROKEN, CHECKPOINT, CHECKPOINT_STATE, DIRTY_PFN_LIST, EMU_CONTEXT, EMU_XENSTORE,
+    HVM_PAGES, L1TAB, LIBXC_CONTEXT, NOTAB, PV_PAGES, STATIC_DATA_END, TOOLSTACK, VCPU_BASIC, VCPU_EXTENDED,
+    VCPU_MSRS, VCPU_XSAVE, VERIFY, XL_END, XL_MAGIC, XTAB, basic_context, cpuid_policy, emulator, empty,
+    hvm_checkpoint_tail, hvm_context, hvm_params, hvm_static, hvm_stream, libxc, libxl,
     libxl_checkpointed_pv, libxl_header, libxl_hvm, msr_policy, p2m_frames, page_data, pv_checkpoint_records,
-    pv_checkpoint_tail, pv_info, pv_records, pv_static, pv_stream, rec, shared_info, tsc_info, vcpu, xl,
+    pv_checkpoint_tail, pv_info, pv_static, pv_stream, rec, shared_info, tsc_info, vcpu, xl,
 )
-from xenstream.v2.events import NEED_DATA, EndOfStream
-from xenstream.v2.reader import V2Reader
-from xenstream.v2.verify import Verifier, verify_bytes
+from xenstream.v2.verify import verify_bytes
 from xenstream.v2.verify_report import ERROR, WARNING
 
 SDE = empty(STATIC_DATA_END)
@@ -254,7 +253,6 @@ def test_valid_streams_have_no_findings(name):
 def test_spec_worked_example_is_valid_with_warnings_for_what_a_real_saver_adds():
     example = libxc([pv_info(), SDE, p2m_frames(0, 0, [0]), page_data([(0, NOTAB)]),
                      vcpu(VCPU_BASIC, 0, bytes(5168))], major=4, minor=20)
-    import hashlib
     assert hashlib.sha256(example).hexdigest() == "7e5ec5d368b02f9f8dd453be9776fddf22156829fb45cb913f40b5405e70283d"
     report = verify_bytes(example)
     assert report.ok

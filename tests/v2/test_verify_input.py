@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.v2.verify_builder import (
-    CHECKPOINT_END, END, HVM_PAGES, PAGE_DATA, PV_PAGES, TSC_INFO, XL_END, NOTAB, dhdr, empty, hvm_stream, ihdr,
+    CHECKPOINT_END, END, PAGE_DATA, PV_PAGES, TSC_INFO, NOTAB, empty,
     libxc, libxl, libxl_checkpointed_pv, libxl_hvm, page_data, pv_checkpoint_records, pv_info, pv_records, pv_stream,
     rec, xl,
 )

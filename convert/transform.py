@@ -8,9 +8,10 @@ Mapping (one handler per event type, dispatched by table):
 =========================  ===================================================================
 v1 element                 v2 output
 =========================  ===================================================================
-xl header                  the same header, mandatory flag STREAMV2 added in libxl format
-                           (Xen re-emits it only with ``-x``, and then always fails under Python
-                           3 comparing bytes with a str magic; ours detects it)
+xl header                  libxl format: the same header with mandatory flag STREAMV2 added;
+                           libxc format: dropped (xl cannot read a bare libxc stream). Xen's
+                           converter reads it only with ``-x`` and then always fails under
+                           Python 3 (bytes compared with a str magic); ours detects it
 p2m_size                   libxl format: libxl header (options LEGACY), LIBXC_CONTEXT; then the
                            image header (version 3, little endian) and the domain header (PV 1 /
                            HVM 2, page shift 12, xen_major 0 = converted, xen_minor 1 = the
@@ -214,9 +215,13 @@ class Transformer:
     def _xl_header(self, event: ev.XlHeader) -> None:
         if self.options.fmt == AUTO_FORMAT:
             self._libxl = True
-        flags = event.mandatory_flags | (C.XL_FLAG_STREAMV2 if self._libxl else 0)
-        self.writer.xl_header(XlHeader(mandatory_flags=flags, optional_flags=event.optional_flags,
-                                       optional_data=event.optional_data))
+        if not self._libxl:
+            # xl reads what follows its header as a legacy stream unless STREAMV2 is set, and with it as
+            # a libxl stream: a bare libxc stream behind it is unreadable either way.
+            log.info("xl header dropped: only a libxl stream can follow it", offset=event.offset)
+            return
+        self.writer.xl_header(XlHeader(mandatory_flags=event.mandatory_flags | C.XL_FLAG_STREAMV2,
+                                       optional_flags=event.optional_flags, optional_data=event.optional_data))
 
     def _foreign_wrapper(self, event: ev.Event) -> None:
         log.info("wrapper not carried over into the v2 output", wrapper=type(event).__name__)

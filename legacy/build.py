@@ -23,7 +23,7 @@ from xenstream.hv.abi import (
 from xenstream.legacy import constants as c
 from xenstream.legacy import events as ev
 from xenstream.legacy.delta_encode import DeltaEncoder
-from xenstream.legacy.synth_pages import PagePool
+from xenstream.legacy.synth_pages import POOL_PAGES, PagePool
 from xenstream.legacy.synth_pv import PvGuest
 from xenstream.legacy.synth_records import (
     hvm_context,
@@ -189,7 +189,6 @@ class _StreamBuilder:
         self.o = options
         self.reuse = reuse_buffers
         self.rng = random.Random(options.seed)
-        self.pool = PagePool(options.seed)
         self.pv = options.guest == "pv"
         if self.pv:
             self.guest = PvGuest(guest_width=options.guest_word_bytes, pages=options.pages, vcpus=options.vcpus,
@@ -200,6 +199,7 @@ class _StreamBuilder:
             self.guest = _HvmGuest(options, self.rng)
             self.p2m_size = self.guest.p2m_size
             self.holes = self.guest.holes
+        self.pool = PagePool(options.seed, pool_pages=min(POOL_PAGES, max(64, self.p2m_size)))
         populated = [pfn for pfn in range(self.p2m_size) if pfn not in self.holes]
         self.broken = set(self.rng.sample(self._plain_pfns(populated), options.broken_pages))
         self.populated = populated

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -19,7 +20,20 @@ from tests.convert.service_harness import (
     metric_value,
     send_stream,
 )
+from xenstream.convert.pipeline import convert_fds
+from xenstream.convert.transform import ConvertOptions
+from xenstream.legacy.build import BuildOptions, build_stream
 from xenstream.v2.synth import stream_bytes as v2_stream
+
+
+def offline_conversion(data: bytes, fmt: str) -> bytes:
+    """What `xenstream`'s file pipeline makes of a v1 stream: the reference for the service's output."""
+    with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as target:
+        source.write(data)
+        source.seek(0)
+        convert_fds(source.fileno(), target.fileno(), ConvertOptions(fmt=fmt))
+        target.seek(0)
+        return target.read()
 
 
 def _config(workdir: str, tcp_sink: SinkServer, unix_sink: SinkServer, stall_sink: SinkServer) -> str:
@@ -101,6 +115,36 @@ def _assert_truncated_prefix(received: bytes, complete: bytes) -> None:
     assert complete.startswith(received)
 
 
+# ------------------------------------------------------------------------------------------ v1 conversion
+
+
+@pytest.mark.parametrize("listener, fmt, options", [
+    ("tcp", "libxc", BuildOptions(guest="pv", width=64, pages=700, live_iterations=1, seed=1)),
+    ("unix", "libxl", BuildOptions(guest="hvm", width=64, pages=400, seed=2)),
+    ("unix", "libxl", BuildOptions(guest="pv", width=32, pages=300, wrapper="xl", seed=3)),
+])
+def test_v1_stream_equals_the_offline_conversion(rig, listener, fmt, options):
+    service, sinks, _ = rig
+    data = build_stream(options)
+    send_stream(service.addresses[listener], data)
+    assert sinks[listener].next_stream() == offline_conversion(data, fmt)
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "ok"
+    assert result["variant"] == f"v1-{options.guest}-{options.width}"
+    assert result["bytes_in"] == len(data)
+    assert result["pages"] > 0
+
+
+def test_v1_stream_to_a_directory(rig):
+    service, _, _ = rig
+    data = build_stream(BuildOptions(guest="pv", pages=200, seed=4))
+    send_stream(service.addresses["dir"], data)
+    result = service.stream_result(_last_conn(service))
+    assert result["destination"].endswith(".libxc")
+    with open(result["destination"], "rb") as handle:
+        assert handle.read() == offline_conversion(data, "libxc")
+
+
 # ------------------------------------------------------------------------------------------ v2 passthrough
 
 
@@ -149,9 +193,14 @@ def test_directory_destination_keeps_no_file_of_a_bad_stream(rig):
 # ------------------------------------------------------------------------------------------ faults
 
 
-def test_source_killed_mid_stream(rig):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_source_killed_mid_stream(rig, version):
     service, sinks, _ = rig
-    data = v2_stream(guest="pv", pages=2000, wrap="libxc", seed=7)
+    if version == "v1":
+        data = build_stream(BuildOptions(guest="pv", pages=2000, seed=7))
+        expected = offline_conversion(data, "libxc")
+    else:
+        data = expected = v2_stream(guest="pv", pages=2000, wrap="libxc", seed=7)
     path = os.path.join(rig[2], "killed-source.bin")
     with open(path, "wb") as handle:
         handle.write(data)
@@ -170,7 +219,7 @@ def test_source_killed_mid_stream(rig):
     finally:
         sender.kill()
         sender.wait(10)
-    _assert_truncated_prefix(sinks["tcp"].next_stream(), data)
+    _assert_truncated_prefix(sinks["tcp"].next_stream(), expected)
     result = service.stream_result(_last_conn(service))
     assert result["result"] == "bad_stream"
     assert isinstance(result["offset"], int) and result["offset"] <= len(data) // 2
@@ -259,8 +308,11 @@ def test_silent_source_times_out_before_its_header(rig):
 
 def test_concurrent_migrations_are_all_correct(rig):
     service, sinks, _ = rig
-    streams = [v2_stream(guest=("pv", "hvm")[i % 2], pages=256 + i, wrap=("libxc", "libxl")[i // 2 % 2], seed=100 + i)
-               for i in range(16)]
+    v1 = [build_stream(BuildOptions(guest=("pv", "hvm")[i % 2], pages=256 + i, seed=100 + i)) for i in range(8)]
+    v2 = [v2_stream(guest=("pv", "hvm")[i % 2], pages=256 + i, wrap=("libxc", "libxl")[i // 2 % 2], seed=200 + i)
+          for i in range(8)]
+    streams = v1 + v2
+    expected = [offline_conversion(data, "libxc") for data in v1] + v2
     errors: list = []
 
     def migrate(data: bytes) -> None:
@@ -276,7 +328,7 @@ def test_concurrent_migrations_are_all_correct(rig):
         thread.join(30)
     assert not errors
     received = [sinks["tcp"].next_stream() for _ in streams]
-    assert sorted(received) == sorted(streams)
+    assert sorted(received) == sorted(expected)
 
 
 def test_metrics_count_streams_bytes_and_failures(rig):

@@ -563,12 +563,19 @@ class SimXen:
             return
         if machine.flags[slot] & FLAG_SPECIAL and want != TYPE_WRITABLE:
             raise ValidationError(f"mfn {machine.mfn_of_slot(slot):#x} is a special page")
-        if want in TYPE_LEVEL:
-            self._validate_table(dom, slot, want)
-            machine.flags[slot] |= FLAG_VALIDATED
-            self._mark_dirty(dom, machine.mfn_of_slot(slot))
+        # The type is taken before validation, as in Xen, so a table that maps itself (or is mapped
+        # by its own subtree) writable or at another level conflicts with itself.
         machine.ptype[slot] = want
         machine.tcount[slot] = 1
+        if want in TYPE_LEVEL:
+            try:
+                self._validate_table(dom, slot, want)
+            except HypervisorError:
+                machine.ptype[slot] = TYPE_NONE
+                machine.tcount[slot] = 0
+                raise
+            machine.flags[slot] |= FLAG_VALIDATED
+            self._mark_dirty(dom, machine.mfn_of_slot(slot))
 
     def _put_type(self, dom: Domain, slot: int) -> None:
         machine = self.machine

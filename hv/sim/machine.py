@@ -222,5 +222,46 @@ class Machine:
         else:
             (self._loose_high if mfn >= HIGH_MFN_BASE else self._loose_low).append(slot)
 
+    def release_all(self, owner: int) -> int:
+        """Give back every frame of `owner` (domain destruction); returns how many."""
+        owned = [slot for slot, who in enumerate(self.owner) if who == owner]
+        extent_frames = abi.SUPERPAGE_FRAMES
+        by_extent: dict[int, list[int]] = {}
+        for slot in owned:
+            by_extent.setdefault(slot >> abi.SUPERPAGE_ORDER, []).append(slot)
+        m2p = self.m2p
+        invalid_extent = array("Q", [abi.INVALID_MFN]) * extent_frames
+        for extent, slots in by_extent.items():
+            if len(slots) == extent_frames:
+                first, base = extent * extent_frames, self.extent_mfn_base[extent]
+                m2p[base:base + extent_frames] = invalid_extent
+                self.owner[first:first + extent_frames] = array("H", [OWNER_FREE]) * extent_frames
+                self.ptype[first:first + extent_frames] = bytes(extent_frames)
+                self.tcount[first:first + extent_frames] = array("I", bytes(4 * extent_frames))
+                self.flags[first:first + extent_frames] = bytes(extent_frames)
+            else:
+                for slot in slots:
+                    m2p[self.mfn_of_slot(slot)] = abi.INVALID_MFN
+                    self.owner[slot] = OWNER_FREE
+                    self.ptype[slot] = TYPE_NONE
+                    self.tcount[slot] = 0
+                    self.flags[slot] = 0
+            if extent == self._heap_extent:
+                for slot in slots:
+                    self.slot_frame(slot)[:] = bytes(abi.PAGE_SIZE)
+                self._xenheap.extend(slots)
+                continue
+            high = self.extent_mfn_base[extent] >= HIGH_MFN_BASE
+            if len(slots) == extent_frames:
+                # A whole extent: drop its memory (reads back as zeros) and make it allocatable as 2 MiB again.
+                self.memory.madvise(mmap.MADV_DONTNEED, extent * extent_frames * abi.PAGE_SIZE,
+                                    extent_frames * abi.PAGE_SIZE)
+                (self._free_high if high else self._free_low).append(extent)
+            else:
+                for slot in slots:
+                    self.slot_frame(slot)[:] = bytes(abi.PAGE_SIZE)
+                (self._loose_high if high else self._loose_low).extend(slots)
+        return len(owned)
+
     def _is_xenheap_slot(self, slot: int) -> bool:
         return slot >> abi.SUPERPAGE_ORDER == self._heap_extent

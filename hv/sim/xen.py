@@ -98,12 +98,8 @@ class SimXen:
         return domid
 
     def destroy_domain(self, domid: int) -> None:
-        dom = self._domain(domid)
-        machine = self.machine
-        owner = machine.owner
-        for slot in range(machine.capacity):
-            if owner[slot] == domid:
-                machine.release(machine.mfn_of_slot(slot))
+        self._domain(domid)
+        self.machine.release_all(domid)
         del self.domains[domid]
 
     def set_max_mem(self, domid: int, max_pages: int) -> None:

@@ -68,3 +68,49 @@ def vector_vcpus(final_state: dict) -> dict[int, dict]:
     return {int(vcpu_id): {kind: entry[f"{kind}_sha256"] for kind in ("basic", "extended", "xsave")
                            if entry.get(f"{kind}_sha256")}
             for vcpu_id, entry in final_state["vcpus"].items()}
+
+
+def convert_bytes(data: bytes, tmp_path, *, verify: bool = True, parser_options: dict | None = None, **options):
+    """Run the pipeline file -> file; returns (output bytes, ConvertResult)."""
+    from xenstream.convert.pipeline import convert_fds
+    from xenstream.convert.transform import ConvertOptions
+
+    source = tmp_path / "in.v1"
+    target = tmp_path / "out.v2"
+    source.write_bytes(data)
+    with open(source, "rb") as fin, open(target, "wb") as fout:
+        result = convert_fds(fin.fileno(), fout.fileno(), ConvertOptions(**options), verify=verify,
+                             **(parser_options or {}))
+    return target.read_bytes(), result
+
+
+def partial_output(data: bytes, tmp_path, **options) -> tuple[bytes, Exception]:
+    """Convert input that must fail; returns what was written before the failure and the exception."""
+    from xenstream.convert.pipeline import convert_fds
+    from xenstream.convert.transform import ConvertOptions
+
+    source = tmp_path / "bad.v1"
+    target = tmp_path / "bad.v2"
+    source.write_bytes(data)
+    with open(source, "rb") as fin, open(target, "wb") as fout:
+        try:
+            convert_fds(fin.fileno(), fout.fileno(), ConvertOptions(**options))
+        except Exception as exc:  # noqa: BLE001 - the caller asserts the type
+            return target.read_bytes(), exc
+    raise AssertionError("conversion unexpectedly succeeded")
+
+
+def has_end_record(data: bytes) -> bool:
+    """Whether the (possibly cut) v2 stream reaches its outermost END."""
+    from xenstream.v2.errors import StreamError
+
+    reader = V2Reader(layer="auto", payload="views")
+    reader.feed(data)
+    reader.feed(b"")
+    try:
+        while True:
+            event = reader.next_event()
+            if isinstance(event, EndOfStream):
+                return event.complete
+    except StreamError:
+        return False

@@ -1,0 +1,101 @@
+"""Remus (checkpointed) and compressed v1 streams, against the independent conformance vectors.
+
+The vectors' ``final_state`` is what the Xen 4.5 restorer commits (the last complete checkpoint); the
+v2 output, restored (last copy of every pfn wins), must give exactly that state by default and with
+``--checkpoints``. Input cut inside checkpoint 2 must give ``state_after_checkpoint_1``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import SHARED
+from tests.convert.v2state import convert_bytes, has_end_record, partial_output, restored_state, vector_vcpus
+from xenstream.legacy import events as ev
+from xenstream.legacy.build import BuildOptions, build_stream
+from xenstream.legacy.parser import parse_bytes
+from xenstream.v2 import constants as C
+
+VECTORS = SHARED / "vectors"
+NAMES = ["pv64-remus", "pv64-compressed"]
+
+
+def load(name: str) -> tuple[bytes, dict]:
+    path = VECTORS / f"{name}.v1"
+    if not path.exists():
+        pytest.skip(f"conformance vector {path} not present")
+    return path.read_bytes(), json.loads((VECTORS / f"{name}.json").read_text())
+
+
+def assert_state(data: bytes, expected: dict) -> None:
+    state = restored_state(data)
+    assert state["digest"] == expected["pages"]["digest"]
+    assert len(state["pages"]) == expected["pages"]["count"]
+    assert state["shared_info_sha256"] == expected["shared_info_sha256"]
+    assert state["vcpus"] == vector_vcpus(expected)
+
+
+@pytest.mark.parametrize("fmt", ["libxc", "libxl"])
+@pytest.mark.parametrize("name", NAMES)
+def test_default_output_is_last_complete_checkpoint(tmp_path, name, fmt):
+    stream, vector = load(name)
+    data, result = convert_bytes(stream, tmp_path, fmt=fmt)
+    assert result.summary.checkpoints == vector["checkpoints"]
+    assert result.report.ok, result.report.lines()
+    assert_state(data, vector["final_state"])
+    state = restored_state(data)
+    assert C.REC_CHECKPOINT not in state["record_types"]
+    assert state["record_types"].count(C.REC_END) == 1 and state["end"].complete
+
+
+@pytest.mark.parametrize("fmt", ["libxc", "libxl"])
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoints_mode_carries_every_checkpoint(tmp_path, name, fmt):
+    stream, vector = load(name)
+    data, result = convert_bytes(stream, tmp_path, fmt=fmt, checkpoints=True)
+    assert result.report.ok, result.report.lines()
+    assert_state(data, vector["final_state"])
+    state = restored_state(data)
+    assert state["record_types"].count(C.REC_CHECKPOINT) == vector["checkpoints"]
+    assert state["record_types"][-1] == C.REC_END
+    if fmt == "libxl":
+        assert state["libxl_records"].count(C.LIBXL_REC_CHECKPOINT_END) == vector["checkpoints"]
+        assert state["libxl_records"][-1] == C.LIBXL_REC_END
+
+
+def _checkpoint_ends(stream: bytes) -> list[int]:
+    return [e.offset for e in parse_bytes(stream) if isinstance(e, ev.CheckpointEnd)]
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_cut_inside_checkpoint_2_gives_checkpoint_1(tmp_path, checkpoints):
+    stream, vector = load("pv64-remus")
+    first, second = _checkpoint_ends(stream)[:2]
+    for cut in (first, first + 1, first + 4, (first + second) // 2, second - 1):
+        data, result = convert_bytes(stream[:cut], tmp_path, checkpoints=checkpoints)
+        assert result.summary.checkpoints == 1
+        assert_state(data, vector["state_after_checkpoint_1"])
+        if cut > first:
+            assert result.summary.discarded_checkpoint_offset == first
+
+
+def test_cut_inside_checkpoint_1_fails_without_end(tmp_path):
+    stream, _ = load("pv64-remus")
+    first = _checkpoint_ends(stream)[0]
+    written, error = partial_output(stream[: first - 100], tmp_path)
+    assert type(error).__name__ == "TruncatedStream"
+    assert not has_end_record(written)
+
+
+@pytest.mark.parametrize("guest", ["pv", "hvm"])
+def test_both_modes_agree_on_built_remus_streams(tmp_path, guest):
+    """Streams of our own builder (3 checkpoints, compression): both modes restore the same state."""
+    base = dict(guest=guest, pages=24 if guest == "pv" else 10, holes=1, checkpoints=3, compression=True)
+    stream = build_stream(BuildOptions(**base))
+    last_state, _ = convert_bytes(stream, tmp_path)
+    every, _ = convert_bytes(stream, tmp_path, checkpoints=True)
+    first_only, _ = convert_bytes(stream[: _checkpoint_ends(stream)[0]], tmp_path)
+    assert restored_state(last_state)["digest"] == restored_state(every)["digest"]
+    assert restored_state(last_state)["digest"] != restored_state(first_only)["digest"]

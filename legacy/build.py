@@ -17,7 +17,6 @@ from xenstream.hv.abi import (
     PAGETYPE_L1TAB,
     PAGETYPE_L4TAB,
     PAGETYPE_NOTAB,
-    PAGETYPE_XTAB,
     pagetype_has_data,
 )
 from xenstream.legacy import constants as c
@@ -131,9 +130,7 @@ class BuildOptions:
 
 def write_stream(sink, options: BuildOptions) -> None:
     """Write the stream `options` describe to `sink` (anything with ``write``)."""
-    writer = LegacyWriter(sink, width=options.width)
-    for event in build_events(options, reuse_buffers=True):
-        writer.write(event)
+    LegacyWriter(sink, width=options.width).write_all(build_events(options, reuse_buffers=True))
 
 
 def build_stream(options: BuildOptions) -> bytes:

@@ -130,10 +130,6 @@ class PvGuest:
         """The source host's machine frame of PFN: a bijection, so every guest frame is distinct."""
         return self._mfn_base + (pfn * 0x9E3779B1) % self._mfn_modulus
 
-    def populated_pfns(self) -> list[int]:
-        holes = set(self.layout.holes)
-        return [pfn for pfn in range(self.p2m_size) if pfn not in holes]
-
     def page_type(self, pfn: int) -> int:
         table = self.layout.pagetables.get(pfn)
         return PAGETYPE_NOTAB if table is None else table[0]

@@ -74,25 +74,25 @@ def qemu_state(seed: int, size: int = 3000) -> bytes:
 
 
 @attrs.frozen
-class TmemPage:
+class SyntheticTmemPage:
     object_id: tuple[int, int, int]
     index: int
     data: bytes
 
 
 @attrs.frozen
-class TmemPool:
+class SyntheticTmemPool:
     pool_id: int
     flags: int
     uuid: tuple[int, int]
-    pages: tuple[TmemPage, ...]
+    pages: tuple[SyntheticTmemPage, ...]
 
 
-def tmem_pools(seed: int, pages_per_pool: int = 2) -> tuple[TmemPool, ...]:
+def tmem_pools(seed: int, pages_per_pool: int = 2) -> tuple[SyntheticTmemPool, ...]:
     """One persistent pool with pages and one ephemeral pool (whose page count the saver forces to 0)."""
     rng = random.Random(seed * 15485863 + 5)
-    persistent = TmemPool(0, 0x1 | (1 << 24), (rng.randrange(1 << 64), rng.randrange(1 << 64)), tuple(
-        TmemPage((rng.randrange(1 << 32), 0, 0), rng.randrange(1 << 16), rng.randbytes(PAGE_SIZE))
+    persistent = SyntheticTmemPool(0, 0x1 | (1 << 24), (rng.randrange(1 << 64), rng.randrange(1 << 64)), tuple(
+        SyntheticTmemPage((rng.randrange(1 << 32), 0, 0), rng.randrange(1 << 16), rng.randbytes(PAGE_SIZE))
         for _ in range(pages_per_pool)))
-    ephemeral = TmemPool(1, 1 << 24, (rng.randrange(1 << 64), rng.randrange(1 << 64)), ())
+    ephemeral = SyntheticTmemPool(1, 1 << 24, (rng.randrange(1 << 64), rng.randrange(1 << 64)), ())
     return persistent, ephemeral

@@ -44,7 +44,6 @@ class LegacyWriter:
         self._width = width
         self._tmem_oid_words = 3
         self._handlers: dict[type, Callable] = {
-            ev.Detected: self._detected,
             ev.XlHeader: self._xl_header,
             ev.XendHeader: self._xend_header,
             ev.LibvirtHeader: self._libvirt_header,
@@ -92,9 +91,9 @@ class LegacyWriter:
         return self._width
 
     def write(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Detected):
+            self._detected(event)
         if not event.WIRE:
-            if isinstance(event, ev.Detected):
-                self._detected(event)
             return
         handler = self._handlers.get(type(event))
         if handler is None:

@@ -25,9 +25,10 @@ import time
 
 import structlog
 
-from xenstream.convert.service_config import ServiceConfig, TcpAddress, UnixAddress
+from xenstream.convert.service_config import RestoreTarget, ServiceConfig, TcpAddress, UnixAddress
 from xenstream.convert.service_connection import Connection
 from xenstream.convert.service_metrics import Metrics, MetricsServer
+from xenstream.convert.service_restore import SimulatedHost
 from xenstream.convert.service_stream import CONVERSIONS
 
 ABORT_JOIN_SECONDS = 5.0
@@ -107,6 +108,8 @@ class Service:
         self._stopping = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.addresses: dict[str, str] = {}  # listener name -> bound address ("metrics" too)
+        self._restore_hosts = {listener.name: SimulatedHost(config.restore_frames)
+                               for listener in config.listeners if isinstance(listener.destination, RestoreTarget)}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -218,7 +221,8 @@ class Service:
             ident = self._next_ident
             self._next_ident += 1
             connection = Connection(ident=ident, listener=listener, sock=sock, peer=peer, config=self.config,
-                                    metrics=self.metrics, conversions=self._conversions)
+                                    metrics=self.metrics, conversions=self._conversions,
+                                    restore_host=self._restore_hosts.get(listener.name))
             thread = threading.Thread(target=self._run, args=(connection,), name=f"stream-{ident}", daemon=True)
             self._connections[ident] = (connection, thread)
         self.metrics.add("xenstream_connections_total", listener=listener.name)

@@ -55,6 +55,14 @@ class DirectoryTarget:
         return f"dir:{self.path}"
 
 
+@attrs.frozen
+class RestoreTarget:
+    """Restore every stream into a new PV domain of a simulated Xen host (one host per listener)."""
+
+    def __str__(self) -> str:
+        return "restore:sim"
+
+
 def parse_socket_address(text: str, what: str) -> TcpAddress | UnixAddress:
     """`unix:/path`, `/path`, `host:port`, `[v6]:port`, `:port` or `port` (host defaults to 127.0.0.1)."""
     text = text.strip()
@@ -79,14 +87,16 @@ def parse_socket_address(text: str, what: str) -> TcpAddress | UnixAddress:
     return TcpAddress(host, int(port_text))
 
 
-def parse_destination(text: str) -> TcpAddress | UnixAddress | DirectoryTarget:
-    """A listener's destination: a socket address or `dir:/path`."""
+def parse_destination(text: str) -> TcpAddress | UnixAddress | DirectoryTarget | RestoreTarget:
+    """A listener's destination: a socket address, `dir:/path`, or `restore:sim`."""
     text = text.strip()
     if text.startswith("dir:"):
         path = text[len("dir:"):]
         if not os.path.isabs(path):
             raise ConfigError(f"destination: directory must be an absolute path, got {path!r}")
         return DirectoryTarget(path)
+    if text == "restore:sim":
+        return RestoreTarget()
     address = parse_socket_address(text, "destination")
     if isinstance(address, TcpAddress) and address.port == 0:
         raise ConfigError("destination: port 0 is not an address one can connect to")
@@ -102,7 +112,7 @@ class ListenerConfig:
 
     name: str
     listen: TcpAddress | UnixAddress
-    destination: TcpAddress | UnixAddress | DirectoryTarget
+    destination: TcpAddress | UnixAddress | DirectoryTarget | RestoreTarget
     format: str = "libxc"  # output layer of converted v1 streams: "libxc" or "libxl"
     width: int | None = None  # v1 toolstack width in bits, None = detect
     guest: str | None = None  # v1 guest type, None = detect
@@ -130,6 +140,7 @@ class ServiceConfig:
     max_connections: int = 32
     buffer_size: int = 1 << 20  # bytes read from a source at once (the per-connection buffer)
     max_buffered: int = 16 << 20  # input a stream may hold unforwarded (one record's worth); larger is refused
+    restore_frames: int = 1 << 18  # size of each restore:sim host, in 4 KiB frames
     metrics: TcpAddress | None = None
     timeouts: Timeouts = Timeouts()
 
@@ -147,7 +158,7 @@ class ServiceConfig:
 
 # ------------------------------------------------------------------------------------------- parsing
 
-_SERVICE_KEYS = {"max_connections", "buffer_size", "max_buffered", "allow", "metrics"}
+_SERVICE_KEYS = {"max_connections", "buffer_size", "max_buffered", "restore_frames", "allow", "metrics"}
 _TIMEOUT_KEYS = set(attrs.fields_dict(Timeouts))
 _LISTENER_KEYS = {"name", "listen", "destination", "format", "width", "guest", "socket_mode"}
 MIN_BUFFER, MAX_BUFFER = 1 << 12, 1 << 26
@@ -238,6 +249,9 @@ def config_from_settings(settings: dict) -> ServiceConfig:
     max_buffered = _typed(service.get("max_buffered", 16 << 20), (int,), "max_buffered")
     if not MIN_BUFFER <= max_buffered <= MAX_BUFFERED:
         raise ConfigError(f"max_buffered must be {MIN_BUFFER} ... {MAX_BUFFERED}")
+    restore_frames = _typed(service.get("restore_frames", 1 << 18), (int,), "restore_frames")
+    if not 1 << 10 <= restore_frames <= 1 << 26:
+        raise ConfigError("restore_frames must be 1024 ... 67108864 (4 MiB ... 256 GiB)")
     metrics = None
     if service.get("metrics"):
         metrics = parse_socket_address(str(service["metrics"]), "metrics")
@@ -249,6 +263,7 @@ def config_from_settings(settings: dict) -> ServiceConfig:
         max_connections=max_connections,
         buffer_size=buffer_size,
         max_buffered=max_buffered,
+        restore_frames=restore_frames,
         metrics=metrics,
         timeouts=Timeouts(**{key: float(value) for key, value in timeouts.items()}),
     )
@@ -270,7 +285,7 @@ def merge_command_line(settings: dict, args) -> dict:
         "listener": list(settings.get("listener", [])),
     }
     service, timeouts = merged["service"], merged["timeouts"]
-    for key in ("max_connections", "buffer_size", "max_buffered", "metrics"):
+    for key in ("max_connections", "buffer_size", "max_buffered", "restore_frames", "metrics"):
         if getattr(args, key, None) is not None:
             service[key] = getattr(args, key)
     if getattr(args, "allow", None):

@@ -74,7 +74,8 @@ class SourceReader:
 
 
 class Connection:
-    def __init__(self, *, ident: int, listener, sock: socket.socket, peer: str, config, metrics, conversions):
+    def __init__(self, *, ident: int, listener, sock: socket.socket, peer: str, config, metrics, conversions,
+                 restore_host=None):
         self.ident = ident
         self.listener = listener
         self._sock = sock
@@ -82,6 +83,7 @@ class Connection:
         self._config = config
         self._metrics = metrics
         self._conversions = conversions  # classify result -> factory(listener, config) -> StreamConversion
+        self._restore_host = restore_host
         self._sink = None
         self.conversion = None
         self.destination: str | None = None
@@ -178,7 +180,8 @@ class Connection:
     def _open_sink(self, conversion) -> None:
         if self._sink is None:
             sink = open_sink(self.listener.destination, listener=self.listener.name, connection=self.ident,
-                             suffix=conversion.suffix, timeouts=self._config.timeouts)
+                             suffix=conversion.suffix, timeouts=self._config.timeouts,
+                             restore_host=self._restore_host)
             with self._sink_lock:
                 self._sink = sink
             if self._aborted.is_set():

@@ -13,7 +13,8 @@ import datetime
 import os
 import socket
 
-from xenstream.convert.service_config import DirectoryTarget, TcpAddress, UnixAddress
+from xenstream.convert.service_config import DirectoryTarget, RestoreTarget, TcpAddress, UnixAddress
+from xenstream.convert.service_restore import RestoreSink
 
 _IOV_MAX = 512
 
@@ -152,15 +153,18 @@ class DirectorySink:
 
 
 _OPENERS = {
-    DirectoryTarget: lambda target, listener, connection, suffix, timeouts: DirectorySink(
+    DirectoryTarget: lambda target, listener, connection, suffix, timeouts, host: DirectorySink(
         target, listener, connection, suffix),
-    TcpAddress: lambda target, listener, connection, suffix, timeouts: SocketSink(
+    TcpAddress: lambda target, listener, connection, suffix, timeouts, host: SocketSink(
         target, timeouts.connect, timeouts.idle),
-    UnixAddress: lambda target, listener, connection, suffix, timeouts: SocketSink(
+    UnixAddress: lambda target, listener, connection, suffix, timeouts, host: SocketSink(
         target, timeouts.connect, timeouts.idle),
+    RestoreTarget: lambda target, listener, connection, suffix, timeouts, host: RestoreSink(host),
 }
 
 
-def open_sink(destination, *, listener: str, connection: int, suffix: str, timeouts):
-    """Open the configured destination for one stream (DestinationError when it cannot be)."""
-    return _OPENERS[type(destination)](destination, listener, connection, suffix, timeouts)
+def open_sink(destination, *, listener: str, connection: int, suffix: str, timeouts, restore_host=None):
+    """Open the configured destination for one stream (DestinationError when it cannot be).
+
+    `restore_host`: the listener's simulated host, for a `restore:sim` destination."""
+    return _OPENERS[type(destination)](destination, listener, connection, suffix, timeouts, restore_host)

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         "serve", help="relay migration streams, converting v1 to v2 as they flow",
         description=__doc__.split(": ", 1)[1],
         epilog="Listener addresses: HOST:PORT, [V6]:PORT, PORT (binds 127.0.0.1), unix:/PATH. "
-               "Destinations: HOST:PORT, unix:/PATH, dir:/ABSOLUTE/DIRECTORY. "
+               "Destinations: HOST:PORT, unix:/PATH, dir:/ABSOLUTE/DIRECTORY, restore:sim (a simulated Xen host). "
                "Command-line listeners are added to those of --config; other options override it.")
     parser.add_argument("--config", metavar="TOML", help="configuration file ([service], [timeouts], [[listener]])")
     parser.add_argument("--listen", action="append", metavar="ADDRESS", help="listen here (repeatable)")
@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     parser.add_argument("--buffer-size", type=int, metavar="BYTES", help="read buffer per stream (default 1 MiB)")
     parser.add_argument("--max-buffered", type=int, metavar="BYTES",
                         help="largest record a stream may make the service hold (default 16 MiB)")
+    parser.add_argument("--restore-frames", type=int, metavar="N",
+                        help="size of each restore:sim host in 4 KiB frames (default 262144: 1 GiB)")
     parser.add_argument("--allow", action="append", metavar="CIDR",
                         help="accept TCP sources only from these networks (repeatable; default any)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics here")

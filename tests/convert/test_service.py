@@ -42,6 +42,7 @@ def _config(workdir: str, tcp_sink: SinkServer, unix_sink: SinkServer, stall_sin
 max_connections = 24
 buffer_size = 262144
 metrics = "127.0.0.1:0"
+restore_frames = 65536
 
 [timeouts]
 header = 2
@@ -71,6 +72,11 @@ destination = "dir:{workdir}/out"
 name = "refused"
 listen = "127.0.0.1:0"
 destination = "127.0.0.1:{closed_port()}"
+
+[[listener]]
+name = "restore"
+listen = "127.0.0.1:0"
+destination = "restore:sim"
 
 [[listener]]
 name = "stall"
@@ -143,6 +149,27 @@ def test_v1_stream_to_a_directory(rig):
     assert result["destination"].endswith(".libxc")
     with open(result["destination"], "rb") as handle:
         assert handle.read() == offline_conversion(data, "libxc")
+
+
+@pytest.mark.parametrize("width", [64, 32])
+def test_v1_stream_restored_into_the_simulated_host(rig, width):
+    service, _, _ = rig
+    data = build_stream(BuildOptions(guest="pv", width=width, pages=400, seed=5))
+    send_stream(service.addresses["restore"], data)
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "ok"
+    assert result["destination"].startswith("simulated domain ")
+    assert f"pv{width}, p2m_size " in result["destination"]
+    assert "400 pages populated" in result["destination"]
+
+
+def test_restore_refusing_a_stream_fails_it(rig):
+    service, sinks, _ = rig
+    send_stream(service.addresses["restore"], build_stream(BuildOptions(guest="hvm", pages=100, seed=6)))
+    result = service.stream_result(_last_conn(service))
+    assert result["result"] == "bad_stream"
+    assert "HVM" in result["error"]
+    _assert_healthy(service, sinks)
 
 
 # ------------------------------------------------------------------------------------------ v2 passthrough

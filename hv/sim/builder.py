@@ -33,6 +33,8 @@ from xenstream.hv.sim.layout import (
     HIGHMEM_PFNS_32,
     LOWMEM_L2_SLOTS_32,
     LOWMEM_PFNS_32,
+    P2M_VADDR_32,
+    P2M_VADDR_64,
     USER_BASE,
     GuestLayout,
     TableRef,
@@ -61,13 +63,18 @@ class GuestSpecError(ValueError):
 
 @attrs.frozen
 class GuestSpec:
-    """`pv64:mem=256M,vcpus=2,online=1,seed=7` (mem is required; vcpus 1, online all, seed 0)."""
+    """`pv64:mem=256M,vcpus=2,online=1,seed=7,p2m=linear` (mem required; vcpus 1, online all, seed 0).
+
+    `p2m=linear` also maps the P2M linearly and publishes p2m_cr3/p2m_vaddr (Xen >= 4.7 guests);
+    the default `tree` publishes only the frame-list-list.
+    """
 
     width: int
     nr_pages: int
     vcpus: int = 1
     online: int = 1
     seed: int = 0
+    p2m: str = "tree"
 
     @classmethod
     def parse(cls, text: str) -> GuestSpec:
@@ -78,7 +85,7 @@ class GuestSpec:
         fields: dict[str, str] = {}
         for item in filter(None, match.group(2).split(",")):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("mem", "vcpus", "online", "seed") or key in fields:
+            if not sep or key not in ("mem", "vcpus", "online", "seed", "p2m") or key in fields:
                 raise GuestSpecError(f"bad guest spec item {item!r}")
             fields[key] = value
         if "mem" not in fields:
@@ -97,11 +104,15 @@ class GuestSpec:
             raise GuestSpecError("mem must be a whole number of pages, at least 256K")
         if not 1 <= online <= vcpus <= abi.XEN_LEGACY_MAX_VCPUS:
             raise GuestSpecError("need 1 <= online <= vcpus <= 32")
-        return cls(width=width, nr_pages=mem // abi.PAGE_SIZE, vcpus=vcpus, online=online, seed=seed)
+        p2m = fields.get("p2m", "tree")
+        if p2m not in ("tree", "linear"):
+            raise GuestSpecError(f"p2m must be tree or linear, not {p2m!r}")
+        return cls(width=width, nr_pages=mem // abi.PAGE_SIZE, vcpus=vcpus, online=online, seed=seed, p2m=p2m)
 
     def __str__(self) -> str:
         kind = "pv64" if self.width == abi.WIDTH_64 else "pv32"
-        return f"{kind}:mem={self.nr_pages * 4}K,vcpus={self.vcpus},online={self.online},seed={self.seed}"
+        linear = ",p2m=linear" if self.p2m == "linear" else ""
+        return f"{kind}:mem={self.nr_pages * 4}K,vcpus={self.vcpus},online={self.online},seed={self.seed}{linear}"
 
 
 @attrs.frozen
@@ -213,26 +224,45 @@ class _Builder:
             width=self.width, nr_pages=nr, start_info_pfn=self.start_info_pfn, store_pfn=self.store_pfn,
             console_pfn=self.console_pfn, p2m_pfns=tuple(self.p2m_pfns), fl_pfns=tuple(self.fl_pfns),
             fll_pfn=self.fll_pfn, tables=tuple(self.tables), pinned=pinned, vcpus=tuple(vcpus),
-            fixmap_l1_pfn=self.table_pfns["fixmap_l1"][0], kernel_pfns=self.kernel_pfns)
+            fixmap_l1_pfn=self.table_pfns["fixmap_l1"][0], kernel_pfns=self.kernel_pfns,
+            p2m_vaddr=self._p2m_vaddr())
         taken = set(region)
         self.data_pfns = [p for p in range(nr) if p not in taken]
         self.user_pages = [sorted(rng.sample(self.data_pfns[self.kernel_pfns:] or self.data_pfns,
                                              min(48, len(self.data_pfns) // 4 or 1)))
                            for _ in range(self.nproc)]
 
+    def _p2m_vaddr(self) -> int:
+        if self.spec.p2m != "linear":
+            return 0
+        return P2M_VADDR_64 if self.width == abi.WIDTH_64 else P2M_VADDR_32
+
     def _table_shape(self) -> dict[str, int]:
         nr, nproc = self.nr, self.nproc
+        linear_l1 = _ceil_div(_ceil_div(nr, self.fpp), 512) if self.spec.p2m == "linear" else 0
         if self.width == abi.WIDTH_64:
             n_l1 = _ceil_div(nr, 512)
             n_l2 = _ceil_div(n_l1, 512)
-            return {"l1": n_l1, "l2": n_l2, "l3": _ceil_div(n_l2, 512), "root": 1,
-                    "fixmap_l3": 1, "fixmap_l2": 1, "fixmap_l1": 1,
-                    "proc_root": nproc, "user_root": nproc, "user_l3": nproc, "user_l2": nproc, "user_l1": nproc}
+            shape = {"l1": n_l1, "l2": n_l2, "l3": _ceil_div(n_l2, 512), "root": 1,
+                     "fixmap_l3": 1, "fixmap_l2": 1, "fixmap_l1": 1,
+                     "proc_root": nproc, "user_root": nproc, "user_l3": nproc, "user_l2": nproc, "user_l1": nproc}
+            if linear_l1:
+                shape.update(p2m_l1=linear_l1, p2m_l2=_ceil_div(linear_l1, 512), p2m_l3=1)
+            return shape
         low = min(nr, LOWMEM_PFNS_32)
         high = min(nr, LOWMEM_PFNS_32 + HIGHMEM_PFNS_32) - low
         n_high_l1 = _ceil_div(high, 512)
-        return {"l1": _ceil_div(low, 512), "high_l1": n_high_l1, "high_l2": _ceil_div(n_high_l1, 512),
-                "top_l2": 1, "fixmap_l1": 1, "root": 1, "proc_root": nproc}
+        shape = {"l1": _ceil_div(low, 512), "high_l1": n_high_l1, "high_l2": _ceil_div(n_high_l1, 512),
+                 "top_l2": 1, "fixmap_l1": 1, "root": 1, "proc_root": nproc}
+        if linear_l1:
+            shape.update(p2m_l1=linear_l1, p2m_l2=1)
+        return shape
+
+    def _linear_p2m_l1s(self, t: dict[str, list[int]]) -> None:
+        leaves = self.p2m_pfns
+        for k, pfn in enumerate(t["p2m_l1"]):
+            self._write_entries(pfn, [(self.p2m[leaf] << 12) | DATA_FLAGS for leaf in leaves[k * 512:(k + 1) * 512]])
+        self._write_upper(t["p2m_l2"], t["p2m_l1"])
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -285,6 +315,10 @@ class _Builder:
         direct_slot = (DIRECT_MAP_64 >> 39) & 511
         kernel = {direct_slot + k: self._table_entry(pfn) for k, pfn in enumerate(t["l3"])}
         kernel[511] = self._table_entry(t["fixmap_l3"][0])
+        if "p2m_l1" in t:
+            self._linear_p2m_l1s(t)
+            self._write_upper(t["p2m_l3"], t["p2m_l2"])
+            kernel[(P2M_VADDR_64 >> 39) & 511] = self._table_entry(t["p2m_l3"][0])
         self._write_entries(t["fixmap_l3"][0], {511: self._table_entry(t["fixmap_l2"][0])})
         self._write_entries(t["fixmap_l2"][0], {511: self._table_entry(t["fixmap_l1"][0])})
         self._write_entries(t["root"][0], kernel)
@@ -307,6 +341,9 @@ class _Builder:
         self._write_entries(t["top_l2"][0], top)
         l3 = {k: (self.p2m[pfn] << 12) | PAE_L3_FLAGS for k, pfn in enumerate(t["high_l2"])}
         l3[abi.PAE_TOP_L3_SLOT] = (self.p2m[t["top_l2"][0]] << 12) | PAE_L3_FLAGS
+        if "p2m_l1" in t:
+            self._linear_p2m_l1s(t)
+            l3[(P2M_VADDR_32 >> 30) & 3] = (self.p2m[t["p2m_l2"][0]] << 12) | PAE_L3_FLAGS
         for pfn in t["root"] + t["proc_root"]:
             self._write_entries(pfn, l3)
 
@@ -464,6 +501,10 @@ class _Builder:
         self._put(page, lay.pfn_to_mfn_frame_list_list, w, self.p2m[self.fll_pfn])
         for field in (lay.nmi_reason, lay.p2m_cr3, lay.p2m_vaddr, lay.p2m_generation):
             self._put(page, field, w, 0)
+        if self.layout.p2m_vaddr:
+            root = self.p2m[self.table_pfns["root"][0]]
+            self._put(page, lay.p2m_cr3, w, abi.cr3_from_mfn(root, w))
+            self._put(page, lay.p2m_vaddr, w, self.layout.p2m_vaddr)
 
     def _set_domain_state(self) -> None:
         rng = self.rng
@@ -479,6 +520,8 @@ class _Builder:
 
 _TABLE_LEVEL = {
     abi.WIDTH_64: {"l1": 1, "l2": 2, "l3": 3, "root": 4, "fixmap_l3": 3, "fixmap_l2": 2, "fixmap_l1": 1,
-                   "proc_root": 4, "user_root": 4, "user_l3": 3, "user_l2": 2, "user_l1": 1},
-    abi.WIDTH_32: {"l1": 1, "high_l1": 1, "high_l2": 2, "top_l2": 2, "fixmap_l1": 1, "root": 3, "proc_root": 3},
+                   "proc_root": 4, "user_root": 4, "user_l3": 3, "user_l2": 2, "user_l1": 1,
+                   "p2m_l1": 1, "p2m_l2": 2, "p2m_l3": 3},
+    abi.WIDTH_32: {"l1": 1, "high_l1": 1, "high_l2": 2, "top_l2": 2, "fixmap_l1": 1, "root": 3, "proc_root": 3,
+                   "p2m_l1": 1, "p2m_l2": 2},
 }

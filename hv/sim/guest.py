@@ -166,6 +166,17 @@ class PvGuest:
         page = self._frame(shared)
         self._word.pack_into(page, info.max_pfn, self.layout.nr_pages)
         self._word.pack_into(page, info.pfn_to_mfn_frame_list_list, self.p2m(self.layout.fll_pfn))
+        if self.layout.p2m_vaddr:
+            root = self.p2m(self.layout.pinned[0].pfn)
+            self._word.pack_into(page, info.p2m_cr3, abi.cr3_from_mfn(root, self.width))
+            self._word.pack_into(page, info.p2m_vaddr, self.layout.p2m_vaddr)
+
+    def bump_p2m_generation(self) -> None:
+        """What the guest does around remapping its linear P2M (the save engine must notice)."""
+        info = abi.SHARED_INFO_LAYOUTS[self.width]
+        page = self._frame(self.xen.get_domain_info(self.domid).shared_info_frame)
+        value = self._word.unpack_from(page, info.p2m_generation)[0]
+        self._word.pack_into(page, info.p2m_generation, (value + 2) % (1 << (8 * self.width)))
 
     # -- consistency ----------------------------------------------------------------------------
 
@@ -205,6 +216,10 @@ class PvGuest:
                     continue
                 if back >= len(p2m) or p2m[back] != frame:
                     found.append(f"table pfn {ref.pfn:#x} entry {index} names mfn {frame:#x} outside the P2M")
+        if self.layout.p2m_vaddr:
+            for k, leaf in enumerate(self.layout.p2m_pfns):
+                if abi.pte_frame(self.walk(self.layout.p2m_vaddr + k * abi.PAGE_SIZE)[2]) != p2m[leaf]:
+                    found.append(f"linear P2M page {k} does not map leaf pfn {leaf:#x}")
         for ref in self.layout.pinned:
             if not machine.flags[machine.slot_of(p2m[ref.pfn])] & FLAG_PINNED:
                 found.append(f"root pfn {ref.pfn:#x} is not pinned")

@@ -10,8 +10,11 @@ DIRECT_MAP_64 = 0xFFFF_8800_0000_0000  # L4 slot 272, right after Xen's range, a
 DIRECT_MAP_32 = 0xC000_0000
 LOWMEM_L2_SLOTS_32 = 427  # top-GiB L2 slots for the direct map; 427 is the fixmap, 428+ Xen's
 LOWMEM_PFNS_32 = LOWMEM_L2_SLOTS_32 * 512
-HIGHMEM_PFNS_32 = 3 * 512 * 512  # mapped through L3 slots 0-2
+HIGHMEM_PFNS_32 = 2 * 512 * 512  # mapped through L3 slots 0-1; slot 2 holds the linear P2M
 USER_BASE = 0x40_0000
+# Linear P2M addresses, 1 GiB aligned as the spec recommends (Xen's trim is only right then).
+P2M_VADDR_64 = 0xFFFF_C900_0000_0000  # L4 slot 402, Linux's vmalloc area
+P2M_VADDR_32 = 0x8000_0000  # PAE L3 slot 2
 
 
 @attrs.frozen
@@ -45,6 +48,7 @@ class GuestLayout:
     vcpus: tuple[VcpuRoots | None, ...]  # None: vcpu offline
     fixmap_l1_pfn: int  # entry 0 maps shared_info while the guest runs
     kernel_pfns: int  # pfns 0..kernel_pfns-1 hold the read-only "kernel image"
+    p2m_vaddr: int = 0  # where the P2M is mapped linearly (published in shared_info), 0 = tree only
 
     @property
     def levels(self) -> int:

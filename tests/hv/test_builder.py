@@ -163,3 +163,26 @@ def test_l4_gets_xen_slots():
     root = guest.p2m(built.layout.pinned[0].pfn)
     entries = xen.machine.frame(root).cast("Q")
     assert all(entries[i] & abi.PTE_PRESENT for i in abi.L4_XEN_SLOTS_64)
+
+
+@pytest.mark.parametrize("spec", ["pv64:mem=8M,seed=2,p2m=linear", "pv32:mem=8M,vcpus=2,seed=2,p2m=linear"])
+def test_linear_p2m_guest(spec):
+    xen, built, guest = _build(spec)
+    assert guest.problems() == []
+    width, layout = built.spec.width, built.layout
+    lay = abi.SHARED_INFO_LAYOUTS[width]
+    shared = bytes(xen.shared_info(built.domid))
+    word = lambda off: int.from_bytes(shared[off:off + width], "little")  # noqa: E731
+    assert word(lay.p2m_vaddr) == layout.p2m_vaddr and layout.p2m_vaddr % (1 << 30) == 0
+    assert abi.mfn_from_cr3(word(lay.p2m_cr3), width) == guest.p2m(layout.pinned[0].pfn)
+    assert word(lay.pfn_to_mfn_frame_list_list) == guest.p2m(layout.fll_pfn)  # the tree stays published
+    assert GuestSpec.parse(str(built.spec)) == built.spec
+    guest.bump_p2m_generation()
+    assert int.from_bytes(bytes(xen.shared_info(built.domid))[lay.p2m_generation:lay.p2m_generation + width],
+                          "little") == 2
+
+
+def test_tree_guest_publishes_no_linear_p2m():
+    xen, built, _ = _build("pv64:mem=4M,seed=2")
+    lay = abi.SHARED_INFO_64
+    assert bytes(xen.shared_info(built.domid))[lay.p2m_cr3:lay.p2m_cr3 + 16] == bytes(16)

@@ -13,17 +13,25 @@ The expectations are what Xen's converter does by its code (tools/python/scripts
 * ``-f libxl`` rejects a physmap entry without name, and Xen's own verify-stream-v2 rejects every
   EMULATOR_XENSTORE_DATA record it produces under Python 3 ("Data not NUL terminated": int vs str).
 
-Every accepted output is checked with Xen's verify-stream-v2.
+Every accepted output is checked with Xen's verify-stream-v2. Edge streams no saver writes (built from a
+sample's events with our writer) pin down the rest: an XTAB-only batch and a lone LPINTAB type convert
+into output Xen's verifier rejects; duplicate PFNs in a batch and an xsave size other than "xcnt" - 16
+are rejected by the converter; XALLOC entries pass.
 """
 
+import array
 import importlib.util
+import io
 import subprocess
 
 import attrs
 import pytest
 
 from tests.conftest import REPO
+from xenstream.legacy import events as ev
 from xenstream.legacy.build import build_stream
+from xenstream.legacy.parser import DONE, LegacyParser
+from xenstream.legacy.writer import LegacyWriter
 
 pytestmark = pytest.mark.interop
 
@@ -176,3 +184,87 @@ def test_xen_converter_reads_only_the_first_remus_checkpoint(xen_tools, tmp_path
         assert result.returncode == 0, _last_line(result.stderr)
         outputs.append(target.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+# ---- edge cases the saver does not write, built from a sample's events with our writer -------------------
+
+
+def _sample_events(name: str) -> list:
+    parser = LegacyParser()
+    parser.feed((SAMPLES_DIR / SAMPLES[name].filename).read_bytes())
+    parser.feed(b"")
+    events = []
+    while (event := parser.next_event()) is not DONE:
+        events.append(event)
+    return events
+
+
+def _rewrite(events, replace) -> bytes:
+    """The stream of `events` with `replace(event)` (a list of events) written for each one."""
+    sink = io.BytesIO()
+    writer = LegacyWriter(sink)
+    for event in events:
+        writer.write_all(replace(event))
+    return sink.getvalue()
+
+
+def _before_end_of_body(extra):
+    inserted = []
+
+    def replace(event):
+        if isinstance(event, ev.EndOfBody) and not inserted:
+            inserted.append(event)
+            return [*extra, event]
+        return [event]
+
+    return replace
+
+
+def _batch(entries, pages: int) -> ev.PageBatch:
+    return ev.PageBatch(array.array("Q", entries), memoryview(bytes(4096 * pages)))
+
+
+def _first_xsave_size_off_by(delta: int):
+    changed = []
+
+    def replace(event):
+        if isinstance(event, ev.VcpuXsave) and not changed:
+            changed.append(event)
+            return [attrs.evolve(event, size=event.size + delta)]
+        return [event]
+
+    return replace
+
+
+EDGES = {
+    # a batch of XTAB entries only (the saver drops it): converted into an empty PAGE_DATA, which Xen's
+    # verifier rejects
+    "xtab-only-batch": ("hvm64", _before_end_of_body([_batch([0xF0000000] * 3, 0)]),
+                        Outcome(0, verify_error="PAGE_DATA record must be at least")),
+    "xalloc-entry": ("hvm64", _before_end_of_body([_batch([0xE0000001, 2], 1)]), OK),
+    "duplicate-pfn": ("hvm64", _before_end_of_body([_batch([3, 3], 2)]), Outcome(1, "Duplicate pfns in batch")),
+    # LPINTAB without a table type: the restorer treats it as NOTAB, the converter passes it on, and
+    # Xen's verifier rejects type 8
+    "lpintab-alone": ("pv64", _before_end_of_body([_batch([0x80000005], 1)]),
+                      Outcome(0, verify_error="Invalid type value")),
+    "xsave-size-mismatch": ("pv64", _first_xsave_size_off_by(-8), Outcome(1, "AssertionError")),
+}
+
+
+@pytest.mark.parametrize("edge", sorted(EDGES))
+def test_xen_converter_on_edge_streams(xen_tools, tmp_path, edge):
+    name, replace, expected = EDGES[edge]
+    sample = SAMPLES[name]
+    data = _rewrite(_sample_events(name), replace)
+    assert data != (SAMPLES_DIR / sample.filename).read_bytes()
+    result, target = _convert(xen_tools, tmp_path, data, width=sample.options.width, guest=sample.options.guest,
+                              mode="libxl")
+    assert result.returncode == expected.exit_code, _last_line(result.stderr)
+    if expected.exit_code:
+        assert expected.message in result.stderr.decode(errors="replace")
+        return
+    verified = _verify(xen_tools, target, "libxl")
+    if expected.verify_error is None:
+        assert verified.returncode == 0, _last_line(verified.stderr)
+    else:
+        assert verified.returncode == 1 and expected.verify_error in verified.stderr.decode(errors="replace")

@@ -1,0 +1,167 @@
+"""`xenstream bench legacy-parse`: the v1 parser reading a 64-bit PV stream from a pipe, against `cat | cat`.
+
+For each size a 64-bit PV v1 stream is synthesised (xenstream.legacy.build) into a scratch directory and
+read once into the page cache. Then, best of --repeat runs each, in the same run:
+
+* baseline: ``cat FILE | cat > /dev/null``
+* parser:   ``cat FILE | python -m xenstream.convert.bench_legacy --child`` — the child drives
+  `LegacyParser` in passthrough mode the way a converter would: events from the parser, page data read
+  by the driver itself into one reused buffer (`take_payload` / `consumed_externally`).
+
+Both pipelines are timed as wholes (the parser's includes interpreter start-up; the child also reports
+its parsing time alone) and the child reports its own peak RSS.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+import shlex
+import shutil
+import stat
+import sys
+import tempfile
+import time
+
+from xenstream.convert.bench import Benchmark, human_size, measure, parse_size, register
+from xenstream.hv.abi import PAGE_SIZE
+
+TARGET_RATIO = 0.8
+TARGET_RSS = 64 << 20
+DISK_MARGIN = 256 << 20
+READ_SIZE = 1 << 16  # what a pipe holds by default
+PAYLOAD_BUFFER = 4 << 20  # one batch of 1024 pages
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", default="1G,4G", help="comma-separated stream sizes (default 1G,4G)")
+    parser.add_argument("--dir", help="scratch directory for the streams (default: a new temporary directory)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline; the best counts (default 3)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated streams")
+
+
+def run(args) -> int:
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    scratch = args.dir or tempfile.mkdtemp(prefix="xenstream-bench-")
+    os.makedirs(scratch, exist_ok=True)
+    failures = 0
+    try:
+        for size in sizes:
+            failures += _bench_size(scratch, size, max(1, args.repeat), args.keep)
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 1 if failures else 0
+
+
+def _bench_size(scratch: str, size: int, repeat: int, keep: bool) -> int:
+    path = os.path.join(scratch, f"pv64-{human_size(size).replace(' ', '')}.v1")
+    free = shutil.disk_usage(scratch).free
+    if not os.path.exists(path) and free < size + DISK_MARGIN:
+        print(f"legacy-parse {human_size(size)}: skipped, {human_size(free)} free in {scratch} "
+              f"(needs {human_size(size + DISK_MARGIN)})")
+        return 0
+    try:
+        if not os.path.exists(path):
+            _synthesise(path, size)
+        return _compare(path, repeat)
+    finally:
+        if not keep:
+            os.unlink(path)
+
+
+def _synthesise(path: str, size: int) -> None:
+    from xenstream.legacy.build import BuildOptions, write_stream
+
+    start = time.perf_counter()
+    with open(path, "wb") as sink:
+        write_stream(sink, BuildOptions(width=64, guest="pv", pages=size // PAGE_SIZE, vcpus=4, seed=1))
+    print(f"synthesised {path}: {human_size(os.path.getsize(path))} 64-bit PV v1 stream "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+def _compare(path: str, repeat: int) -> int:
+    size = os.path.getsize(path)
+    quoted = shlex.quote(path)
+    baseline = ["sh", "-c", f"cat {quoted} | cat > /dev/null"]
+    parser = ["sh", "-c", f"cat {quoted} | {shlex.quote(sys.executable)} -m xenstream.convert.bench_legacy --child"]
+    measure(["cat", path], capture=False)  # into the page cache
+    cats = [measure(baseline, capture=False) for _ in range(repeat)]
+    runs = [measure(parser) for _ in range(repeat)]
+    for r in runs:
+        if r.returncode != 0:
+            print(f"legacy-parse {human_size(size)}: the parser failed (exit {r.returncode})")
+            return 1
+    reports = [json.loads(r.stdout) for r in runs]
+    best_cat = min(c.seconds for c in cats)
+    best_whole = min(r.seconds for r in runs)
+    best_parse = min(rep["seconds"] for rep in reports)
+    rss = max(rep["max_rss_bytes"] for rep in reports)
+    ratio = best_cat / best_whole
+    gb = size / 1e9
+    print(f"legacy-parse {human_size(size)} 64-bit PV v1 stream through a pipe: {reports[0]['events']} events, "
+          f"{reports[0]['payload_bytes'] / size:.1%} page data, best of {repeat}")
+    print(f"  cat FILE | cat > /dev/null   {best_cat:7.3f} s  {gb / best_cat:6.2f} GB/s")
+    print(f"  cat FILE | parser            {best_whole:7.3f} s  {gb / best_whole:6.2f} GB/s  ratio to cat "
+          f"{ratio:.2f}x (target {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+    print(f"  parser alone, parsing        {best_parse:7.3f} s  {gb / best_parse:6.2f} GB/s  "
+          f"(the rest is interpreter start-up)")
+    print(f"  parser peak RSS              {human_size(rss)} (target under {human_size(TARGET_RSS)}: "
+          f"{'met' if rss < TARGET_RSS else 'MISSED'})")
+    return 0
+
+
+register(Benchmark(name="legacy-parse", help="the v1 parser on 1 GiB and 4 GiB 64-bit PV streams from a pipe, "
+                   "against cat | cat", add_arguments=add_arguments, run=run))
+
+
+def parse_fd(fd: int) -> dict:
+    """Parse a v1 stream from fd as a converter would drive the parser; page data is read and dropped."""
+    from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser
+
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)  # fewer wake-ups per batch, as any pipe reader may ask
+        except OSError:
+            pass
+    parser = LegacyParser(passthrough=True)
+    scratch = memoryview(bytearray(PAYLOAD_BUFFER))
+    events = payload_bytes = 0
+    while True:
+        event = parser.next_event()
+        if event is NEED_DATA:
+            got = os.readv(fd, [scratch[:READ_SIZE]])
+            parser.feed(scratch[:got])  # the parser keeps its own copy of what it was fed
+            continue
+        if event is DONE:
+            break
+        events += 1
+        pending = parser.payload_pending
+        if pending:
+            payload_bytes += pending
+            while parser.take_payload():
+                pass
+            rest = parser.payload_pending
+            while rest:
+                got = os.readv(fd, [scratch[: min(rest, PAYLOAD_BUFFER)]])
+                if not got:
+                    break  # the parser reports the truncation on the next call
+                parser.consumed_externally(got)
+                rest -= got
+    return {"events": events, "payload_bytes": payload_bytes}
+
+
+def _child() -> None:
+    start = time.perf_counter()
+    result = parse_fd(sys.stdin.fileno())
+    result["seconds"] = time.perf_counter() - start
+    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
+    _child()

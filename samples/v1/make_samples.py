@@ -45,12 +45,12 @@ def _sample(name: str, description: str, base: dict, **overrides) -> Sample:
 
 
 SAMPLES = (
-    _sample("pv64", "64-bit toolstack, 64-bit PV guest, 2 VCPUs, XSAVE, libxl TOOLSTACK (no physmap), "
-            "non-live `xl save` body without the xl header", PV, vcpus=2, pages=19),
-    _sample("pv32-tools32", "32-bit toolstack, 32-bit PAE PV guest (4-byte ulongs throughout)", PV, width=32),
-    _sample("pv32-on-tools64", "64-bit toolstack, 32-bit PAE PV guest: the top L2 keeps present PTEs with "
-            "frame 0 in Xen's compat M2P slots", PV, guest_width=32),
-    _sample("pv64-on-tools32", "32-bit toolstack, 64-bit PV guest (frame list of 4-byte entries)", PV, width=32,
+    _sample("pv64", "2 VCPUs, XSAVE, libxl TOOLSTACK (no physmap), non-live: an `xl save` body "
+            "without the xl header", PV, vcpus=2, pages=19),
+    _sample("pv32-tools32", "PAE guest, 4-byte ulongs throughout", PV, width=32),
+    _sample("pv32-on-tools64", "PAE guest; its top L2 keeps present PTEs with frame 0 in Xen's "
+            "compat M2P slots", PV, guest_width=32),
+    _sample("pv64-on-tools32", "p2m frame list of 4-byte entries", PV, width=32,
             guest_width=64),
     _sample("pv64-live", "live migration: 3 iterations, TSC_INFO before the final one, 2 of 4 VCPUs online",
             PV, live_iterations=3, vcpus=2, max_vcpus=4, pages=19),
@@ -71,8 +71,8 @@ SAMPLES = (
             toolstack=False),
     _sample("pv64-libvirt", "libvirt libxl driver save: libvirt-xml header (version 1) before the v1 stream",
             PV, wrapper="libvirt"),
-    _sample("hvm64", "64-bit toolstack HVM guest, HVM parameter chunks, libxl DeviceModelRecord0002", HVM),
-    _sample("hvm32-tools32", "32-bit toolstack HVM guest, DeviceModelRecord0002", HVM, width=32),
+    _sample("hvm64", "HVM parameter chunks, libxl DeviceModelRecord0002", HVM),
+    _sample("hvm32-tools32", "HVM parameter chunks, DeviceModelRecord0002", HVM, width=32),
     _sample("hvm64-qemu-record", "xend-style QemuDeviceModelRecord (no length, runs to end of input), "
             "no TOOLSTACK", HVM, toolstack=False, device_model="QemuDeviceModelRecord"),
     _sample("hvm64-xend", "xend `xm save` of an HVM guest: LinuxGuestRecord header, QemuDeviceModelRecord",
@@ -106,7 +106,9 @@ def _readme(built: dict) -> str:
         "Small streams in the Xen 4.0-4.5 legacy format, one per variant, written by `xenstream.legacy.build`",
         "(seeded, so `python samples/v1/make_samples.py` rebuilds them byte for byte; `--check` compares).",
         "Widths are the saving toolstack's word size; PV guests use their own word size for page tables and",
-        "VCPU contexts. What Xen's own `convert-legacy-stream` does with each is listed after the table.",
+        "VCPU contexts. `xenstream.legacy.parser.LegacyParser` reads every one with no options (detection),",
+        "and writing its events back reproduces the file (tests/legacy/test_roundtrip.py). What Xen's own",
+        "`convert-legacy-stream` does with each is listed after the table.",
         "",
         "| file | bytes | what it holds | sha256 |",
         "|---|---|---|---|",

@@ -119,23 +119,6 @@ class PvRestorer:
         self.pages_populated = 0
         self.verify_mismatches = 0
 
-        self._handlers: dict[int, Callable] = {
-            C.REC_END: self._end,
-            C.REC_PAGE_DATA: self._page_data,
-            C.REC_X86_PV_INFO: self._pv_info_record,
-            C.REC_X86_PV_P2M_FRAMES: self._p2m_frames,
-            C.REC_X86_PV_VCPU_BASIC: self._vcpu_record("basic"),
-            C.REC_X86_PV_VCPU_EXTENDED: self._vcpu_record("extended"),
-            C.REC_X86_PV_VCPU_XSAVE: self._vcpu_record("xsave"),
-            C.REC_X86_PV_VCPU_MSRS: self._vcpu_record("msrs"),
-            C.REC_SHARED_INFO: self._shared_info,
-            C.REC_X86_TSC_INFO: self._tsc_info,
-            C.REC_VERIFY: self._verify_record,
-            C.REC_STATIC_DATA_END: self._static_data_end_record,
-            C.REC_X86_CPUID_POLICY: self._cpuid_policy,
-            C.REC_X86_MSR_POLICY: self._msr_policy,
-            C.REC_CHECKPOINT: self._checkpoint,
-        }
 
     # ------------------------------------------------------------------ driving
 
@@ -167,7 +150,13 @@ class PvRestorer:
             self.feed(b"")
         if self._done is None:
             raise TruncatedStream("stream ended without an END record", self._reader.offset)
+        self.close()
         return self._done
+
+    def close(self) -> None:
+        """Drop the translation tables and guest mappings now (their native views pin buffers)."""
+        self._tables = None
+        self._pending = []
 
     def _call(self, what: str, call, *args):
         try:
@@ -178,11 +167,11 @@ class PvRestorer:
     def _apply(self, event: LibxcRecord) -> None:
         if self._done is not None:
             raise MalformedStream(f"record type {event.type:#x} after END", event.offset)
-        handler = self._handlers.get(event.type)
+        handler = _HANDLERS.get(event.type)
         if handler is None:
             raise MalformedStream(f"{_name(event.type)} record is not valid in a PV stream", event.offset)
         try:
-            handler(event.body)
+            handler(self, event.body)
         except _Fail as exc:
             raise MalformedStream(f"{_name(event.type)}: {exc}", event.offset) from None
 
@@ -324,11 +313,16 @@ class PvRestorer:
         levels = [level for _, _, level in tables]
         missing = array("Q", bytes(8 * abi.PTES_PER_PAGE * len(tables)))
         while True:
+            failure = None
             try:
                 count = kernels.localise_pages(self._translation(), buffer, levels, missing)
             except TranslationError as exc:
-                _, pfn, level = tables[exc.index] if 0 <= exc.index < len(tables) else (0, -1, 0)
-                raise _Fail(f"L{level} pagetable at pfn {pfn:#x}, {exc}") from None
+                # Raised outside the handler: the kernel's frames (holding native buffer views) must
+                # die with the exception now, not ride along in a chain the GC frees in any order.
+                failure = (exc.index, str(exc))
+            if failure is not None:
+                _, pfn, level = tables[failure[0]] if 0 <= failure[0] < len(tables) else (0, -1, 0)
+                raise _Fail(f"L{level} pagetable at pfn {pfn:#x}, {failure[1]}")
             if not count:
                 return memoryview(buffer)
             self._populate(sorted(set(missing[:count])))
@@ -385,28 +379,19 @@ class PvRestorer:
 
     # ------------------------------------------------------------------ per-checkpoint state
 
-    def _vcpu_record(self, kind: str) -> Callable:
-        def stash(body) -> None:
-            blob = body.context
-            if not blob:
-                log.info("skipping empty vcpu record", kind=kind, vcpu=body.vcpu_id, offset=self._offset)
-                return
-            _require(body.vcpu_id < len(self._vcpus),
-                     f"vcpu {body.vcpu_id} out of range (domain has {len(self._vcpus)})")
-            _require(self._pv_info, "received before X86_PV_INFO")
-            size = len(blob)
-            if kind == "basic":
-                expected = abi.VCPU_CONTEXT_SIZES[self._width]
-                _require(size == expected, f"vcpu {body.vcpu_id} context is {size} bytes, expected {expected}")
-            elif kind == "extended":
-                _require(size <= abi.EXT_VCPU_CONTEXT_MAX, f"{size} bytes exceed {abi.EXT_VCPU_CONTEXT_MAX}")
-            elif kind == "xsave":
-                _require(size >= abi.XSAVE_HEADER_SIZE, f"{size} bytes, expected at least {abi.XSAVE_HEADER_SIZE}")
-            else:
-                _require(size % abi.MSR_ENTRY_SIZE == 0, f"{size} bytes is not a multiple of {abi.MSR_ENTRY_SIZE}")
-            setattr(self._vcpus[body.vcpu_id], kind, blob)
+    def _vcpu_record(self, kind: str, body) -> None:
+        blob = body.context
+        if not blob:
+            log.info("skipping empty vcpu record", kind=kind, vcpu=body.vcpu_id, offset=self._offset)
+            return
+        _require(body.vcpu_id < len(self._vcpus),
+                 f"vcpu {body.vcpu_id} out of range (domain has {len(self._vcpus)})")
+        _require(self._pv_info, "received before X86_PV_INFO")
+        accept, expectation = _VCPU_BLOB_RULES[kind]
+        _require(accept(len(blob), self._width),
+                 f"vcpu {body.vcpu_id} blob is {len(blob)} bytes, {expectation(self._width)}")
+        setattr(self._vcpus[body.vcpu_id], kind, blob)
 
-        return stash
 
     def _shared_info(self, body) -> None:
         _require(self._pv_info, "received before X86_PV_INFO")
@@ -564,6 +549,37 @@ class PvRestorer:
                                self.store_domid, store_mfn & 0xFFFF_FFFF)
 
 
+
+# Size rule per vcpu blob kind (spec 3.5-3.8): (accept(size, width), what was expected).
+_VCPU_BLOB_RULES: dict[str, tuple[Callable, Callable]] = {
+    "basic": (lambda size, width: size == abi.VCPU_CONTEXT_SIZES[width],
+              lambda width: f"expected {abi.VCPU_CONTEXT_SIZES[width]}"),
+    "extended": (lambda size, width: size <= abi.EXT_VCPU_CONTEXT_MAX,
+                 lambda width: f"expected at most {abi.EXT_VCPU_CONTEXT_MAX}"),
+    "xsave": (lambda size, width: size >= abi.XSAVE_HEADER_SIZE,
+              lambda width: f"expected at least {abi.XSAVE_HEADER_SIZE}"),
+    "msrs": (lambda size, width: size % abi.MSR_ENTRY_SIZE == 0,
+             lambda width: f"expected a multiple of {abi.MSR_ENTRY_SIZE}"),
+}
+
+_HANDLERS: dict[int, Callable] = {
+    C.REC_END: PvRestorer._end,
+    C.REC_PAGE_DATA: PvRestorer._page_data,
+    C.REC_X86_PV_INFO: PvRestorer._pv_info_record,
+    C.REC_X86_PV_P2M_FRAMES: PvRestorer._p2m_frames,
+    C.REC_X86_PV_VCPU_BASIC: lambda self, body: self._vcpu_record("basic", body),
+    C.REC_X86_PV_VCPU_EXTENDED: lambda self, body: self._vcpu_record("extended", body),
+    C.REC_X86_PV_VCPU_XSAVE: lambda self, body: self._vcpu_record("xsave", body),
+    C.REC_X86_PV_VCPU_MSRS: lambda self, body: self._vcpu_record("msrs", body),
+    C.REC_SHARED_INFO: PvRestorer._shared_info,
+    C.REC_X86_TSC_INFO: PvRestorer._tsc_info,
+    C.REC_VERIFY: PvRestorer._verify_record,
+    C.REC_STATIC_DATA_END: PvRestorer._static_data_end_record,
+    C.REC_X86_CPUID_POLICY: PvRestorer._cpuid_policy,
+    C.REC_X86_MSR_POLICY: PvRestorer._msr_policy,
+    C.REC_CHECKPOINT: PvRestorer._checkpoint,
+}
+
 def _name(record_type: int) -> str:
     from xenstream.v2.records import libxc_record_name
 
@@ -583,11 +599,14 @@ def restore_new_domain(hv, chunks: Iterable[bytes], *, max_vcpus: int, max_pages
     """Create a PV domain on `hv` (a Hypervisor that is also a DomainFactory), restore the stream into it,
     and destroy the domain again if the restore fails for any reason."""
     domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages)
+    restorer = None
     try:
         restorer = PvRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
         for chunk in chunks:
             restorer.feed(chunk)
         return restorer.finish()
     except BaseException:
+        if restorer is not None:
+            restorer.close()
         hv.destroy_domain(domid)
         raise

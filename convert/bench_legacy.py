@@ -4,7 +4,7 @@ For each size a 64-bit PV v1 stream is synthesised (xenstream.legacy.build) into
 read once into the page cache. Then, best of --repeat runs each, in the same run:
 
 * baseline: ``cat FILE | cat > /dev/null``
-* parser:   ``cat FILE | python -m xenstream.convert.bench_legacy --child`` — the child drives
+* parser:   ``cat FILE | python -m xenstream.convert.bench_legacy_child`` — the child drives
   `LegacyParser` in passthrough mode the way a converter would: events from the parser, page data read
   by the driver itself into one reused buffer (`take_payload` / `consumed_externally`).
 
@@ -14,13 +14,10 @@ its parsing time alone) and the child reports its own peak RSS.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import resource
 import shlex
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -31,10 +28,6 @@ from xenstream.hv.abi import PAGE_SIZE
 TARGET_RATIO = 0.8
 TARGET_RSS = 64 << 20
 DISK_MARGIN = 256 << 20
-READ_SIZE = 1 << 16  # what a pipe holds by default
-PAYLOAD_BUFFER = 4 << 20  # one batch of 1024 pages
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
-PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
 
 def add_arguments(parser) -> None:
@@ -88,7 +81,7 @@ def _compare(path: str, repeat: int) -> int:
     size = os.path.getsize(path)
     quoted = shlex.quote(path)
     baseline = ["sh", "-c", f"cat {quoted} | cat > /dev/null"]
-    parser = ["sh", "-c", f"cat {quoted} | {shlex.quote(sys.executable)} -m xenstream.convert.bench_legacy --child"]
+    parser = ["sh", "-c", f"cat {quoted} | {shlex.quote(sys.executable)} -m xenstream.convert.bench_legacy_child"]
     measure(["cat", path], capture=False)  # into the page cache
     cats = [measure(baseline, capture=False) for _ in range(repeat)]
     runs = [measure(parser) for _ in range(repeat)]
@@ -117,51 +110,3 @@ def _compare(path: str, repeat: int) -> int:
 
 register(Benchmark(name="legacy-parse", help="the v1 parser on 1 GiB and 4 GiB 64-bit PV streams from a pipe, "
                    "against cat | cat", add_arguments=add_arguments, run=run))
-
-
-def parse_fd(fd: int) -> dict:
-    """Parse a v1 stream from fd as a converter would drive the parser; page data is read and dropped."""
-    from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser
-
-    if stat.S_ISFIFO(os.fstat(fd).st_mode):
-        try:
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)  # fewer wake-ups per batch, as any pipe reader may ask
-        except OSError:
-            pass
-    parser = LegacyParser(passthrough=True)
-    scratch = memoryview(bytearray(PAYLOAD_BUFFER))
-    events = payload_bytes = 0
-    while True:
-        event = parser.next_event()
-        if event is NEED_DATA:
-            got = os.readv(fd, [scratch[:READ_SIZE]])
-            parser.feed(scratch[:got])  # the parser keeps its own copy of what it was fed
-            continue
-        if event is DONE:
-            break
-        events += 1
-        pending = parser.payload_pending
-        if pending:
-            payload_bytes += pending
-            while parser.take_payload():
-                pass
-            rest = parser.payload_pending
-            while rest:
-                got = os.readv(fd, [scratch[: min(rest, PAYLOAD_BUFFER)]])
-                if not got:
-                    break  # the parser reports the truncation on the next call
-                parser.consumed_externally(got)
-                rest -= got
-    return {"events": events, "payload_bytes": payload_bytes}
-
-
-def _child() -> None:
-    start = time.perf_counter()
-    result = parse_fd(sys.stdin.fileno())
-    result["seconds"] = time.perf_counter() - start
-    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(result))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    _child()

@@ -15,8 +15,6 @@ from __future__ import annotations
 import array
 import struct
 
-import structlog
-
 from xenstream.hv.abi import PAGE_SIZE
 from xenstream.legacy import constants as c
 from xenstream.legacy.buffer import InputBuffer
@@ -67,7 +65,12 @@ from xenstream.legacy.events import (
 from xenstream.legacy.tmem import walk_tmem, walk_tmem_extra
 from xenstream.legacy.toolstack import decode_libxl_toolstack
 
-log = structlog.get_logger()
+
+
+def _warn(event: str, **fields) -> None:
+    import structlog  # imported when there is something to say: parser start-up stays light
+
+    structlog.get_logger().warning(event, **fields)
 
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
@@ -493,7 +496,7 @@ class Walker:
         data = bytes((yield Read(length, "the TOOLSTACK data")))
         libxl = decode_libxl_toolstack(data, self._word * 8, at + 8)
         if libxl is not None and libxl.width != self._word * 8:
-            log.warning("toolstack blob is in the other width's layout", offset=at, layout=libxl.width)
+            _warn("toolstack blob is in the other width's layout", offset=at, layout=libxl.width)
         yield Toolstack(data, libxl, offset=at)
 
     # --- tails -----------------------------------------------------------------------------------
@@ -522,7 +525,7 @@ class Walker:
                 mask, size = _XSAVE_HEADER.unpack_from(raw)
                 if size != xsave_size - c.XSAVE_HEADER_SIZE:
                     # tolerated (spec 9.1.8): the record is "xcnt" bytes whatever it says, as the restorer reads it
-                    log.warning("xsave record size differs from xcnt", vcpu=vcpu, size=size, xcnt=xsave_size, offset=at)
+                    _warn("xsave record size differs from xcnt", vcpu=vcpu, size=size, xcnt=xsave_size, offset=at)
                 yield VcpuXsave(vcpu, mask, size, bytes(raw[c.XSAVE_HEADER_SIZE :]), offset=at)
         at = self._buf.offset
         data = bytes((yield Read(c.SHARED_INFO_SIZE, "the shared info page")))

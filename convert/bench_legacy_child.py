@@ -1,5 +1,7 @@
 """The measured side of `xenstream bench legacy-parse`: parse a v1 stream from stdin, print JSON.
 
+    python -m xenstream.convert.bench_legacy_child [read|splice] < STREAM
+
 Kept apart from the benchmark's registration so that the child imports only the parser: interpreter
 start-up counts against it in the comparison with `cat | cat`.
 """
@@ -22,8 +24,14 @@ F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
 
-def parse_fd(fd: int) -> dict:
-    """Parse a v1 stream from fd as a converter would drive the parser; page data is read and dropped."""
+def parse_fd(fd: int, payload: str = "read") -> dict:
+    """Parse a v1 stream from fd as a converter would drive the parser.
+
+    Page data past what the parser buffered is moved by the driver: ``payload="read"`` reads it into one
+    reused buffer (a copy into user space, as `cat` does), ``"splice"`` splices it to /dev/null (what
+    a converter's pipeline does towards its output fd: no copy at all).
+    """
+    sink = os.open(os.devnull, os.O_WRONLY) if payload == "splice" else None
     if stat.S_ISFIFO(os.fstat(fd).st_mode):
         try:
             fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)  # fewer wake-ups per batch, as any pipe reader may ask
@@ -48,7 +56,10 @@ def parse_fd(fd: int) -> dict:
                 pass
             rest = parser.payload_pending
             while rest:
-                got = os.readv(fd, [scratch[: min(rest, PAYLOAD_BUFFER)]])
+                if sink is None:
+                    got = os.readv(fd, [scratch[: min(rest, PAYLOAD_BUFFER)]])
+                else:
+                    got = os.splice(fd, sink, rest)
                 if not got:
                     break  # the parser reports the truncation on the next call
                 parser.consumed_externally(got)
@@ -58,7 +69,7 @@ def parse_fd(fd: int) -> dict:
 
 def main() -> None:
     start = time.perf_counter()
-    result = parse_fd(sys.stdin.fileno())
+    result = parse_fd(sys.stdin.fileno(), sys.argv[1] if len(sys.argv) > 1 else "read")
     result["seconds"] = time.perf_counter() - start
     result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from tests.v2 import engine_support as es
 from xenstream.hv import abi
 from xenstream.hv.guestview import PvGuestView
+from xenstream.hv.interface import HypervisorError
 from xenstream.hv.sim.builder import GuestSpec, build_guest
 from xenstream.hv.sim.guest import PvGuest
 from xenstream.v2 import constants as C
@@ -220,3 +221,32 @@ def test_page_batches_use_one_type_query_and_one_map_each(source):
     assert xen.calls["get_page_types"] - before.get("get_page_types", 0) == batches
     pages = [r for r in libxc_records(source.stream) if r.type == C.REC_PAGE_DATA]
     assert all(isinstance(r.body, PageData) and 1 <= r.body.count <= 1024 for r in pages)
+
+
+def test_ballooned_pfns_travel_as_xtab_and_stay_unpopulated():
+    spec = GuestSpec.parse("pv32:mem=2M,vcpus=1,seed=41")
+    xen = es.new_host(spec)
+    built = build_guest(xen, spec)
+    guest = PvGuest(xen, built.domid, built.layout)
+    ballooned = []
+    for pfn in range(spec.nr_pages - 2, 0, -5):
+        try:
+            guest.balloon_out(pfn)
+        except HypervisorError:
+            continue  # still mapped elsewhere
+        ballooned.append(pfn)
+        if len(ballooned) == 4:
+            break
+    stream = es.save_guest(xen, guest)
+    digest = snapshot(PvGuestView.open(xen, guest.domid))
+    _, records = es.split(stream)
+    entries = {}
+    for record in records:
+        if record.type == C.REC_PAGE_DATA:
+            entries.update(zip(*es.page_data_entries(record.body)))
+    assert all(entries[pfn] == abi.PAGETYPE_XTAB for pfn in ballooned)
+    xen2, result = es.restore(stream, spec)
+    assert all(result.p2m[pfn] == abi.INVALID_MFN for pfn in ballooned)
+    assert result.pages_populated == spec.nr_pages - len(ballooned)
+    es.assert_same_guest(digest, es.restored_digest(xen2, result), es.exempt_pfns(guest))
+    es.assert_guest_p2m(xen2, result, guest.layout)

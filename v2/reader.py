@@ -340,6 +340,8 @@ class V2Reader:
         if isinstance(head, EndOfStream):
             return head
         rtype, length, start = head
+        if self._expect_checkpoint_state and rtype != C.LIBXL_REC_CHECKPOINT_STATE:
+            raise MalformedStream(f"expected CHECKPOINT_STATE after CHECKPOINT_END (COLO), found libxl record type {rtype:#x}", start)
         cls = LIBXL_RECORDS.get(rtype)
         if cls is None:
             kind = "optional" if rtype & C.OPTIONAL_RECORD_BIT else "mandatory"
@@ -351,20 +353,14 @@ class V2Reader:
         event = LibxlRecord(offset=start, index=self._libxl_index, type=rtype, length=length, body=body)
         self._libxl_index += 1
         self._at_checkpoint_boundary = False
-        return self._LIBXL_AFTER.get(rtype, V2Reader._after_plain_libxl)(self, event)
-
-    def _after_plain_libxl(self, event):
-        if self._expect_checkpoint_state:
-            raise MalformedStream(f"expected CHECKPOINT_STATE after CHECKPOINT_END (COLO), found {event.body.NAME}", event.offset)
-        return event
+        after = self._LIBXL_AFTER.get(rtype)
+        return after(self, event) if after else event
 
     def _after_libxl_end(self, event):
-        self._after_plain_libxl(event)
         self._finish(complete=True)
         return event
 
     def _after_libxc_context(self, event):
-        self._after_plain_libxl(event)
         self._nested = True
         self._state = self._read_image_header
         return event

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 
-from xenstream.legacy import constants as c
 from xenstream.legacy.buffer import InputBuffer
 from xenstream.legacy.demand import Read
 from xenstream.legacy.errors import MalformedStream, UnsupportedStream

@@ -18,7 +18,8 @@ import attrs
 from xenstream.hv.abi import PAGE_SIZE
 from xenstream.v2 import constants as C
 from xenstream.v2.records import libxc_record_name
-from xenstream.v2.verify_pages import first_above, first_duplicate, table_count
+from xenstream.v2.verify_pages import first_above, first_duplicate, is_ascending_run, table_count
+from xenstream.v2.verify_pagetypes import TRACK_LIMIT, PageTypes
 from xenstream.v2.verify_report import ERROR, WARNING
 
 PV, HVM = C.DOMAIN_TYPE_X86_PV, C.DOMAIN_TYPE_X86_HVM
@@ -48,6 +49,8 @@ TSC_MODES = 4
 FIRST_RESERVED_GDT_ENTRY = 7168
 # Per-vcpu state is kept for at most this many vcpus (Xen's HVM limit is 128, PV far below this).
 MAX_TRACKED_VCPUS = 4096
+# p2m frame list entries kept for the type checks (a 4 GiB 64-bit guest has 2048)
+P2M_TRACK_LIMIT = 1 << 20
 
 # vcpu_guest_context field offsets (spec 3.5): start-info pfn (rdx/edx), gdt_frames, gdt_ents, cr3
 _CONTEXT_FIELDS = {
@@ -67,6 +70,7 @@ class Basic:
     start_info: int
     gdt_frames: tuple[int, ...]
     cr3_pfn: int
+    cr1_pfn: int | None  # a 64-bit guest's user page table, when cr1 says it has one
 
     @classmethod
     def parse(cls, context: bytes, width: int, offset: int, index: int) -> Basic:
@@ -77,8 +81,12 @@ class Basic:
         (cr3,) = struct.unpack_from(fields["cr3"][1], context, fields["cr3"][0])
         # 32-bit PAE guests store cr3 rotated ("extended cr3"): pfn << 12 | pfn >> 20
         cr3_pfn = cr3 >> 12 if width == 8 else ((cr3 >> 12) | (cr3 << 20)) & 0xFFFFFFFF
+        cr1_pfn = None
+        if width == 8:
+            (cr1,) = struct.unpack_from(fields["cr1"][1], context, fields["cr1"][0])
+            cr1_pfn = cr1 >> 12 if cr1 & 1 else None
         used = min(16, (min(ents, FIRST_RESERVED_GDT_ENTRY) + 511) // 512)
-        return cls(offset=offset, index=index, start_info=edx, gdt_frames=frames[:used], cr3_pfn=cr3_pfn)
+        return cls(offset=offset, index=index, start_info=edx, gdt_frames=frames[:used], cr3_pfn=cr3_pfn, cr1_pfn=cr1_pfn)
 
 
 @attrs.define
@@ -108,7 +116,8 @@ class LibxcRules:
     sde_count: int = 0
     pv_info: tuple[int, int] | None = None
     max_pfn: int | None = None
-    max_p2m_frame: tuple[int, int, int] | None = None  # (pfn, offset, index) of the highest p2m frame pfn
+    p2m: dict = attrs.field(factory=dict)  # p2m frame list index -> frame pfn (last record wins, as in Xen)
+    page_types: PageTypes = attrs.field(factory=PageTypes)
     policies: dict = attrs.field(factory=dict)
     verify_seen: bool = False
     checkpoints: int = 0
@@ -243,9 +252,12 @@ class LibxcRules:
                         f"({frames} frames of {per_frame} entries)")
             return
         self.max_pfn = end if self.max_pfn is None else max(self.max_pfn, end)
-        top = max(body.frames)
-        if self.max_p2m_frame is None or top > self.max_p2m_frame[0]:
-            self.max_p2m_frame = (top, offset, index)
+        self.page_types.cover(self.max_pfn)
+        first = start // per_frame
+        if len(self.p2m) + frames <= P2M_TRACK_LIMIT:
+            self.p2m.update(zip(range(first, first + frames), body.frames))
+        else:
+            self._warn(offset, index, name, f"more than {P2M_TRACK_LIMIT} p2m frames: their pfns are not checked")
 
     def _vcpu(self, offset, index, name, length, body, rtype: int):
         vcpu_id = body.vcpu_id
@@ -317,6 +329,7 @@ class LibxcRules:
         self._infer_static_end()
         pfns = body.pfns
         count = len(pfns)
+        ascending_run = is_ascending_run(pfns)
         if self.guest == HVM:
             tables = table_count(body.types)
             if tables:
@@ -331,7 +344,8 @@ class LibxcRules:
                 if above is not None:
                     self._error(offset, index, name, f"entry {above[0]}: pfn {above[1]:#x} above the p2m's last pfn "
                                 f"{self.max_pfn:#x} (Xen's restore fails)")
-        duplicate = first_duplicate(pfns)
+                self.page_types.record(pfns, body.types, ascending_run)
+        duplicate = first_duplicate(pfns, ascending_run)
         if duplicate is not None:
             self._warn(offset, index, name, f"pfn {duplicate:#x} appears more than once in one record")
         if self.current.vcpu_state_seen:
@@ -355,7 +369,7 @@ class LibxcRules:
                 self._error(offset, index, name, f"{what} without X86_PV_VCPU_BASIC for vcpu 0 (Xen's restore fails)")
             if not self.current.shared_info:
                 self._warn(offset, index, name, f"no SHARED_INFO in this {what} (Xen always sends one)")
-            self._pfn_ranges(offset, index, name)
+            self._restore_checks(offset, index, name)
         elif self.guest == HVM and not self.hvm_context_seen:
             self._error(offset, index, name, f"{what} without HVM_CONTEXT (Xen's restore fails)")
         if not self.current.tsc:
@@ -363,25 +377,38 @@ class LibxcRules:
         if not self.any_pages:
             self._warn(offset, index, name, f"{what} without any PAGE_DATA")
 
-    def _pfn_ranges(self, offset: int, index: int, name: str) -> None:
-        """Range checks restore makes when it turns pfns in vcpu state and the p2m list into mfns."""
+    def _restore_checks(self, offset: int, index: int, name: str) -> None:
+        """What PV restore checks at END when it turns the pfns in vcpu state and in the p2m frame list into
+        mfns: each must be within the p2m and a populated page of the right type (spec 6.2, R18)."""
         if self.max_pfn is None:
             return
-        limit = self.max_pfn
-        if self.max_p2m_frame is not None and self.max_p2m_frame[0] > limit:
-            pfn, at, idx = self.max_p2m_frame
-            self._error(offset, index, name, f"p2m frame pfn {pfn:#x} (X86_PV_P2M_FRAMES record {idx} at {at:#x}) "
-                        f"above the last pfn {limit:#x}")
+        levels = self.pv_info[1] if self.pv_info else 4
+
+        def problem(pfn: int, wanted_level: int | None) -> str | None:
+            if pfn > self.max_pfn:
+                return f"above the last pfn {self.max_pfn:#x}"
+            return self.page_types.problem(pfn, wanted_level)
+
         for vcpu_id, basic in sorted(self.basic_vcpus.items()):
-            problems = []
-            if vcpu_id == 0 and basic.start_info > limit:
-                problems.append(f"start-info pfn {basic.start_info:#x}")
-            problems += [f"GDT frame {i} pfn {pfn:#x}" for i, pfn in enumerate(basic.gdt_frames) if pfn > limit]
-            if basic.cr3_pfn > limit:
-                problems.append(f"cr3 pfn {basic.cr3_pfn:#x}")
-            for problem in problems:
-                self._error(offset, index, name, f"vcpu {vcpu_id} (X86_PV_VCPU_BASIC record {basic.index}): {problem} "
-                            f"above the last pfn {limit:#x}")
+            checks = [(f"GDT frame {i}", pfn, None) for i, pfn in enumerate(basic.gdt_frames)]
+            checks.append(("cr3", basic.cr3_pfn, levels))
+            if basic.cr1_pfn is not None:
+                checks.append(("user cr1", basic.cr1_pfn, levels))
+            if vcpu_id == 0:
+                checks.insert(0, ("start-info", basic.start_info, None))
+            for what, pfn, wanted in checks:
+                why = problem(pfn, wanted)
+                if why:
+                    self._error(offset, index, name, f"vcpu {vcpu_id} (X86_PV_VCPU_BASIC record {basic.index}): "
+                                f"{what} pfn {pfn:#x} {why} (Xen's restore fails)")
+        bad = [(k, pfn, why) for k, pfn in sorted(self.p2m.items()) if (why := problem(pfn, None))]
+        if bad:
+            k, pfn, why = bad[0]
+            more = f" ({len(bad) - 1} more entries like it)" if len(bad) > 1 else ""
+            self._error(offset, index, name, f"p2m frame list entry {k}: frame pfn {pfn:#x} {why}{more} "
+                        "(Xen's restore fails)")
+        if self.page_types.overflow:
+            self._warn(offset, index, name, f"page types tracked for the first {TRACK_LIMIT} pfns only")
 
     _HANDLERS: ClassVar[dict] = {}
 

@@ -12,14 +12,16 @@ DUPLICATE_CHECK_LIMIT = 1 << 16
 TABLE_TYPES = tuple(level | pin for level in (1, 2, 3, 4) for pin in (0, PAGETYPE_LPINTAB))
 
 
-def first_duplicate(pfns: tuple[int, ...]) -> int | None:
+def is_ascending_run(pfns: tuple[int, ...]) -> bool:
+    """pfns are first, first+1, ..., the saver's usual batch; recognising it costs one tuple comparison."""
+    first = pfns[0]
+    return pfns[-1] - first == len(pfns) - 1 and pfns == tuple(range(first, first + len(pfns)))
+
+
+def first_duplicate(pfns: tuple[int, ...], ascending_run: bool) -> int | None:
     """The first pfn that appears twice, None if all differ (or the record is too long to check)."""
     count = len(pfns)
-    if count < 2:
-        return None
-    first = pfns[0]
-    # The saver's usual batch is an ascending run; recognising it costs one tuple comparison.
-    if pfns[-1] - first == count - 1 and pfns == tuple(range(first, first + count)):
+    if count < 2 or ascending_run:
         return None
     if count > DUPLICATE_CHECK_LIMIT or len(set(pfns)) == count:
         return None

@@ -34,7 +34,9 @@ XEN_VERIFIER_LACKS = {
     "p2m-frame-count-64bit", "p2m-frame-count-32bit", "pfn-above-p2m-range", "p2m-frame-pfn-above-range",
     "start-info-pfn-above-range", "gdt-frame-above-range", "cr3-above-range-64bit", "cr3-above-range-32bit-pae",
     "vcpu-id-not-below-max-vcpus", "basic-size-64bit", "basic-size-32bit", "extended-over-128", "xsave-under-16",
-    "msrs-not-multiple-of-16",
+    "msrs-not-multiple-of-16", "p2m-frame-never-sent", "p2m-frame-resent-as-xtab", "start-info-never-sent",
+    "start-info-is-a-page-table", "gdt-frame-is-a-page-table", "cr3-not-a-top-level-table",
+    "cr3-resent-as-data-out-of-order", "user-cr1-not-a-table",
     # checkpoints, the libxl layer and the xl header (spec 4.6, 5, R16)
     "checkpoint-in-plain-stream", "libxl-record-before-libxc-context", "libxl-second-libxc-context",
     "emulator-record-in-pv", "checkpoint-end-out-of-phase", "xl-unknown-mandatory-flag",

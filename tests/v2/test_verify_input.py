@@ -214,11 +214,11 @@ def test_verifier_told_another_format_reports_it():
 
 def test_findings_are_capped_and_counted():
     many = [page_data([(3, NOTAB), (3, NOTAB)]) for _ in range(DEFAULT_FINDING_CAP + 20)]
-    report = verify_bytes(libxc(pv_records()[:5] + many + pv_records()[6:]))
+    report = verify_bytes(libxc(pv_records()[:6] + many + pv_records()[6:]))
     assert report.ok
     assert len(report.warnings) == DEFAULT_FINDING_CAP and report.dropped_warnings >= 20
     assert report.lines()[-1] == f"warning: ... and {report.dropped_warnings} more warnings"
-    small = verify_bytes(libxc(pv_records()[:5] + many + pv_records()[6:]), cap=3)
+    small = verify_bytes(libxc(pv_records()[:6] + many + pv_records()[6:]), cap=3)
     assert len(small.warnings) == 3
 
 

@@ -140,8 +140,14 @@ def pv_checkpoint_tail(width=8, vcpus=1) -> list[bytes]:
     return tail
 
 
-def pv_records(version=3, width=8, levels=None, vcpus=1, pages=PV_PAGES) -> list[bytes]:
+def pv_pages(levels=4) -> list[tuple[int, int]]:
+    """PV_PAGES with the top-level table of a guest with `levels` levels at pfn 0."""
+    return [(0, levels | PIN)] + PV_PAGES[1:]
+
+
+def pv_records(version=3, width=8, levels=None, vcpus=1, pages=None) -> list[bytes]:
     levels = levels or (4 if width == 8 else 3)
+    pages = pv_pages(levels) if pages is None else pages
     return (
         pv_static(version, width, levels)
         + [p2m_frames(0, 3, width=width), page_data(pages)]

@@ -20,7 +20,7 @@ import traceback
 import structlog
 
 from xenstream.convert.edge import STREAM_ERRORS
-from xenstream.convert.service_sink import DestinationError, open_sink
+from xenstream.convert.service_sink import DestinationError, open_sink, set_kernel_timeout
 from xenstream.convert.service_stream import classify
 
 
@@ -46,20 +46,24 @@ class SourceReader:
     def __init__(self, sock: socket.socket, timeouts):
         self._sock = sock
         self._timeouts = timeouts
+        self._timeout = None
         self._window_wait = 0.0
         self._window_bytes = 0
+        sock.settimeout(None)
 
     def read_into(self, view: memoryview, deadline: float | None = None, what: str = "data") -> int:
         timeout = self._timeouts.idle
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
+            if timeout < 0.001:
                 raise SourceError("timeout", f"no complete {what} within {self._timeouts.header:g}s")
-        self._sock.settimeout(timeout)
+        if timeout != self._timeout:
+            set_kernel_timeout(self._sock, socket.SO_RCVTIMEO, timeout)
+            self._timeout = timeout
         started = time.monotonic()
         try:
             got = self._sock.recv_into(view)
-        except TimeoutError:
+        except (BlockingIOError, TimeoutError):
             raise SourceError("timeout", f"source sent no {what} for {timeout:.3g}s") from None
         except OSError as exc:
             raise SourceError("reset", f"reading the source: {exc.strerror or exc}") from None

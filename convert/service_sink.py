@@ -12,11 +12,23 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import struct
 
 from xenstream.convert.service_config import DirectoryTarget, RestoreTarget, TcpAddress, UnixAddress
 from xenstream.convert.service_restore import RestoreSink
 
 _IOV_MAX = 512
+
+
+def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """A timeout enforced by the kernel on a blocking socket (SO_RCVTIMEO / SO_SNDTIMEO).
+
+    Blocking sockets keep the GIL released for a whole send or receive; Python-level timeouts would
+    return to the interpreter after every partial transfer, which many streams at once pay for dearly.
+    A timed-out call fails with EAGAIN (BlockingIOError).
+    """
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 class DestinationError(Exception):
@@ -48,7 +60,8 @@ class SocketSink:
             raise DestinationError("timeout", f"connecting to {address}: {exc}") from None
         except OSError as exc:
             raise DestinationError("refused", f"connecting to {address}: {exc.strerror or exc}") from None
-        self._sock.settimeout(idle_timeout)
+        self._sock.settimeout(None)
+        set_kernel_timeout(self._sock, socket.SO_SNDTIMEO, idle_timeout)
 
     def write(self, buffers: list) -> None:
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -63,7 +76,7 @@ class SocketSink:
                     else:
                         pending[0] = head[sent:]
                         sent = 0
-        except TimeoutError:
+        except (BlockingIOError, TimeoutError):
             raise DestinationError("stalled", f"{self.description} accepted nothing for {self._idle:g}s") from None
         except OSError as exc:
             raise DestinationError("closed", f"writing to {self.description}: {exc.strerror or exc}") from None

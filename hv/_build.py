@@ -27,6 +27,7 @@ int64_t xs_localise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *lev
 int64_t xs_pack_page_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint64_t *out);
 int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, uint64_t *pfns,
                              uint32_t *types);
+int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_index, uint8_t *levels);
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out);
 int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
                              unsigned entry_size);
@@ -208,6 +209,23 @@ int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, 
         data += has_data(code);
     }
     return data;
+}
+
+int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_index, uint8_t *levels)
+{
+    int64_t count = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t code = codes[i];
+        if (!known_code(code))
+            return -1 - (int64_t)i;
+        if (!has_data(code))
+            continue;
+        unsigned level = (code >> 28) & 7;
+        data_index[count] = (uint32_t)i;
+        levels[count] = (uint8_t)(level >= 1 && level <= 4 ? level : 0);
+        count++;
+    }
+    return count;
 }
 
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out)

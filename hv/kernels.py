@@ -7,6 +7,7 @@
     localise_pages(tables, pages, levels, missing) -> missing pfn count (0 = rewritten)
     pack_page_words(pfns, types, out) -> data-bearing count
     unpack_page_words(words, max_pfn, pfns_out, types_out) -> data-bearing count
+    classify_page_types(codes, data_index, levels) -> data-bearing count (positions + table levels)
     legacy_to_page_words(legacy, out) -> data-bearing count
     pack_legacy_words(pfns, types, out) -> data-bearing count
 
@@ -26,6 +27,7 @@ PYTHON_KERNELS = {
     "localise_pages": pagetables.python_localise_pages,
     "pack_page_words": pagetables.python_pack_page_words,
     "unpack_page_words": pagetables.python_unpack_page_words,
+    "classify_page_types": pagetables.python_classify_page_types,
     "legacy_to_page_words": pagetables.python_legacy_to_page_words,
     "pack_legacy_words": pagetables.python_pack_legacy_words,
 }
@@ -106,6 +108,17 @@ def _load_cffi() -> dict | None:
                      [0], [0])
         return result
 
+    def classify_page_types(codes, data_index, levels) -> int:
+        codes = as_u32(codes)
+        if len(data_index) < len(codes) or len(levels) < len(codes):
+            raise ValueError("output buffers shorter than the batch")
+        result = lib.xs_classify_page_types(ffi.from_buffer("uint32_t[]", codes), len(codes),
+                                            ffi.from_buffer("uint32_t[]", data_index, require_writable=True),
+                                            ffi.from_buffer("uint8_t[]", levels, require_writable=True))
+        if result < 0:
+            _reraise(-1 - result, pagetables.python_classify_page_types, codes[-1 - result:-result], [0], [0])
+        return result
+
     def legacy_to_page_words(legacy, out) -> int:
         if not isinstance(legacy, array) or legacy.typecode not in ("I", "L", "Q"):
             legacy = array("Q", legacy)
@@ -130,6 +143,7 @@ def _load_cffi() -> dict | None:
         "localise_pages": localise_pages,
         "pack_page_words": pack_page_words,
         "unpack_page_words": unpack_page_words,
+        "classify_page_types": classify_page_types,
         "legacy_to_page_words": legacy_to_page_words,
         "pack_legacy_words": pack_legacy_words,
     }
@@ -159,8 +173,9 @@ normalise_pages = _SELECTED["normalise_pages"]
 localise_pages = _SELECTED["localise_pages"]
 pack_page_words = _SELECTED["pack_page_words"]
 unpack_page_words = _SELECTED["unpack_page_words"]
+classify_page_types = _SELECTED["classify_page_types"]
 legacy_to_page_words = _SELECTED["legacy_to_page_words"]
 pack_legacy_words = _SELECTED["pack_legacy_words"]
 
 __all__ = ["BACKEND", "PYTHON_KERNELS", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
-           "localise_pages", "pack_page_words", "unpack_page_words", "legacy_to_page_words", "pack_legacy_words"]
+           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "legacy_to_page_words", "pack_legacy_words"]

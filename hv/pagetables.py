@@ -225,6 +225,24 @@ def python_pack_page_words(pfns: Sequence[int], types: Sequence[int], out) -> in
     return data
 
 
+def python_classify_page_types(codes: Sequence[int], data_index, levels) -> int:
+    """Which entries of a page-type query carry data, and at which table level.
+
+    For the k-th data-bearing entry: `data_index[k]` = its position, `levels[k]` = 1-4 for a pagetable
+    (pin bit ignored), 0 for NOTAB. Returns how many; raises TranslationError for an unknown code.
+    """
+    count = 0
+    for i, code in enumerate(codes):
+        if code not in _KNOWN_CODES:
+            raise TranslationError(0, f"entry {i}: unknown page type code {code:#x}", i)
+        if code in _DATALESS_CODES:
+            continue
+        data_index[count] = i
+        levels[count] = abi.pagetable_level(code >> abi.PFINFO_LTAB_SHIFT)
+        count += 1
+    return count
+
+
 def python_unpack_page_words(words: Sequence[int], max_pfn: int, pfns_out, types_out) -> int:
     """Split v2 PAGE_DATA words into pfns and PFINFO codes as Xen's restorer reads them.
 

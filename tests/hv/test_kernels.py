@@ -157,6 +157,27 @@ def test_legacy_words_kernel_matches_twin(entries, typecode):
     assert _run(PY["legacy_to_page_words"], legacy, outs[0]) == _run(CFFI["legacy_to_page_words"], legacy, outs[1])
 
 
+@needs_cffi
+@SETTINGS
+@given(st.lists(TYPE_CODES | st.sampled_from([0, 0x9000_0000, 0xF000_0000, 0xD000_0000, 0x1000_0000]), max_size=60))
+def test_classify_kernel_matches_twin(codes):
+    codes = array("I", codes)
+    outs = [(array("I", bytes(4 * len(codes))), bytearray(len(codes))) for _ in range(2)]
+    assert _run(PY["classify_page_types"], codes, *outs[0]) == _run(CFFI["classify_page_types"], codes, *outs[1])
+    assert outs[0] == outs[1]
+
+
+def test_classify_values():
+    codes = array("I", [abi.PFINFO_NOTAB, abi.PFINFO_XTAB, (abi.PAGETYPE_L3TAB | abi.PAGETYPE_LPINTAB) << 28,
+                        abi.PFINFO_BROKEN, abi.PAGETYPE_L1TAB << 28, abi.PFINFO_XALLOC])
+    index, levels = array("I", bytes(24)), bytearray(6)
+    assert kernels.classify_page_types(codes, index, levels) == 3
+    assert list(index[:3]) == [0, 2, 4] and list(levels[:3]) == [0, 3, 1]
+    with pytest.raises(TranslationError) as info:
+        kernels.classify_page_types(array("I", [0, 0x6000_0000]), index, levels)
+    assert info.value.index == 1
+
+
 def test_word_translation_values():
     pfns = array("Q", [5, 0x0FFF_FFFF, 9])
     types = array("I", [abi.PFINFO_NOTAB, abi.PFINFO_XTAB, (abi.PAGETYPE_L2TAB | abi.PAGETYPE_LPINTAB) << 28])

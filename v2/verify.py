@@ -33,6 +33,7 @@ from xenstream.v2.verify_report import DEFAULT_FINDING_CAP, ERROR, Finding, Repo
 from xenstream.v2.xl_header import XlHeader
 
 FORMATS = ("auto", "libxc", "libxl", "xl")
+GUEST_TYPES = {"pv": C.DOMAIN_TYPE_X86_PV, "hvm": C.DOMAIN_TYPE_X86_HVM}
 # Longest first, so that "X86_PV_VCPU_BASIC" wins over "END" when both occur in a message.
 _RECORD_NAMES = {layer: sorted(names.values(), key=len, reverse=True)
                  for layer, names in (("libxc", LIBXC_RECORD_NAMES), ("libxl", LIBXL_RECORD_NAMES))}
@@ -53,11 +54,12 @@ _HEADER_LAYERS = {XlHeader: "xl", LibxlHeader: "libxl", ImageHeader: "libxc", Do
 class Verifier:
     """fmt: what the stream must start with ("auto": whatever it is). checkpointed: None lets a CHECKPOINT
     record declare it; False makes CHECKPOINT an error; True accepts a stream ending at a checkpoint.
-    max_vcpus: the target domain's vcpu count, when known (vcpu ids must be below it)."""
+    max_vcpus, guest: the target domain's vcpu count and type ("pv" or "hvm"), when known."""
 
     fmt: str = "auto"
     checkpointed: bool | None = None
     max_vcpus: int | None = None
+    guest: str | None = None  # "pv" or "hvm": the domain the stream is to be restored into, when known
     cap: int = DEFAULT_FINDING_CAP
     report: Report = attrs.field(init=False)
     libxc: LibxcRules = attrs.field(init=False)
@@ -71,7 +73,10 @@ class Verifier:
         if self.fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}")
         self.report = Report(cap=self.cap)
-        self.libxc = LibxcRules(report=self._reporter("libxc"), checkpointed=self.checkpointed, max_vcpus=self.max_vcpus)
+        if self.guest not in (None, *GUEST_TYPES):
+            raise ValueError(f"guest must be one of {tuple(GUEST_TYPES)}")
+        self.libxc = LibxcRules(report=self._reporter("libxc"), checkpointed=self.checkpointed, max_vcpus=self.max_vcpus,
+                                expected_guest=GUEST_TYPES.get(self.guest))
         self.libxl = LibxlRules(report=self._reporter("libxl"))
 
     def _reporter(self, layer: str):
@@ -176,13 +181,13 @@ PAYLOAD_READ = 1 << 20
 
 
 def verify_fd(fd: int, fmt: str = "auto", *, checkpointed: bool | None = None, colo: bool = False,
-              max_vcpus: int | None = None, trailing: bool = True, cap: int = DEFAULT_FINDING_CAP,
-              observer: Callable[[object], None] | None = None) -> Report:
+              max_vcpus: int | None = None, guest: str | None = None, trailing: bool = True,
+              cap: int = DEFAULT_FINDING_CAP, observer: Callable[[object], None] | None = None) -> Report:
     """Verify the stream read from fd. trailing: after the outermost END, read on to the end of input
     and report any bytes found (False stops at END, as Xen's verifier does, e.g. on a live socket).
     observer: called with every event before the verifier sees it (e.g. to print a summary)."""
     reader = V2Reader(layer=fmt, payload="passthrough", strict=True, colo=colo)
-    verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, cap=cap)
+    verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, guest=guest, cap=cap)
     scratch = bytearray(PAYLOAD_READ)
     view = memoryview(scratch)
     try:
@@ -225,10 +230,10 @@ def verify_path(path: str | os.PathLike, fmt: str = "auto", **options) -> Report
 
 
 def verify_bytes(data: bytes, fmt: str = "auto", *, checkpointed: bool | None = None, colo: bool = False,
-                 max_vcpus: int | None = None, cap: int = DEFAULT_FINDING_CAP) -> Report:
+                 max_vcpus: int | None = None, guest: str | None = None, cap: int = DEFAULT_FINDING_CAP) -> Report:
     """Verify a stream held in memory (tests, small inputs): the same reader and verifier, views mode."""
     reader = V2Reader(layer=fmt, payload="views", strict=True, colo=colo)
-    verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, cap=cap)
+    verifier = Verifier(fmt=fmt, checkpointed=checkpointed, max_vcpus=max_vcpus, guest=guest, cap=cap)
     reader.feed(data)
     reader.feed(b"")
     try:

@@ -47,8 +47,9 @@ EXTENDED_MAX = 128
 XSAVE_MIN = 16
 TSC_MODES = 4
 FIRST_RESERVED_GDT_ENTRY = 7168
-# Per-vcpu state is kept for at most this many vcpus (Xen's HVM limit is 128, PV far below this).
-MAX_TRACKED_VCPUS = 4096
+# Xen's MAX_VIRT_CPUS on x86: a PV domain's per-vcpu GDT/LDT slots fill a 1 GiB area, 128 KiB each.
+# No vcpu id at or above it can be restored, so per-vcpu state never grows beyond it.
+X86_PV_MAX_VCPUS = 8192
 # p2m frame list entries kept for the type checks (a 4 GiB 64-bit guest has 2048)
 P2M_TRACK_LIMIT = 1 << 20
 
@@ -96,6 +97,7 @@ class Checkpoint:
     records: int = 0
     tsc: bool = False
     shared_info: bool = False
+    hvm_context: bool = False
     hvm_params: bool = False
     pages: bool = False
     vcpu_records: set = attrs.field(factory=set)  # (vcpu_id, type)
@@ -109,6 +111,7 @@ class LibxcRules:
     report: Report
     checkpointed: bool | None = None  # None: decided by the stream (a CHECKPOINT makes it checkpointed)
     max_vcpus: int | None = None
+    expected_guest: int | None = None  # the type of the domain being restored into, when known
 
     version: int = 0
     guest: int = 0
@@ -133,6 +136,9 @@ class LibxcRules:
 
     def domain_header(self, offset: int, header) -> None:
         self.guest = header.guest_type
+        if self.expected_guest is not None and self.guest != self.expected_guest:
+            self.report(ERROR, offset, None, "domain header", f"a {GUEST_NAMES.get(self.guest)} stream cannot be restored "
+                        f"into a {GUEST_NAMES[self.expected_guest]} domain (Xen's restore fails)")
 
     # ---- records -------------------------------------------------------------------------------
 
@@ -267,12 +273,15 @@ class LibxcRules:
             return
         if self.max_vcpus is not None and vcpu_id >= self.max_vcpus:
             self._error(offset, index, name, f"vcpu_id {vcpu_id} not below the domain's {self.max_vcpus} vcpus")
+        if vcpu_id >= X86_PV_MAX_VCPUS:
+            self._error(offset, index, name, f"vcpu_id {vcpu_id}: an x86 PV domain has at most {X86_PV_MAX_VCPUS} vcpus")
+            return
         width = self.pv_info[0] if self.pv_info else 8
         if rtype == C.REC_X86_PV_VCPU_BASIC:
             expected = BASIC_SIZE[width]
             if blob != expected:
                 self._error(offset, index, name, f"vcpu {vcpu_id}: context {blob} bytes, expected {expected} for a {width * 8}-bit guest")
-            elif vcpu_id in self.basic_vcpus or len(self.basic_vcpus) < MAX_TRACKED_VCPUS:
+            else:
                 self.basic_vcpus[vcpu_id] = Basic.parse(body.context, width, offset, index)
         elif rtype == C.REC_X86_PV_VCPU_EXTENDED and blob > EXTENDED_MAX:
             self._error(offset, index, name, f"vcpu {vcpu_id}: context {blob} bytes, more than {EXTENDED_MAX}")
@@ -286,8 +295,7 @@ class LibxcRules:
             self._warn(offset, index, name, f"vcpu {vcpu_id}: repeated in one checkpoint; the later record replaces the earlier")
         elif rtype != C.REC_X86_PV_VCPU_BASIC and (vcpu_id, C.REC_X86_PV_VCPU_BASIC) not in records:
             self._warn(offset, index, name, f"vcpu {vcpu_id}: no X86_PV_VCPU_BASIC before it in this checkpoint")
-        if len(records) < 4 * MAX_TRACKED_VCPUS:
-            records.add(key)
+        records.add(key)
 
     def _vcpu_basic(self, offset, index, name, length, body):
         self._vcpu(offset, index, name, length, body, C.REC_X86_PV_VCPU_BASIC)
@@ -316,6 +324,9 @@ class LibxcRules:
         self.current.tsc = True
 
     def _hvm_context(self, offset, index, name, length, body):
+        if self.current.hvm_context:
+            self._warn(offset, index, name, "second HVM_CONTEXT in one checkpoint; Xen loads only the last")
+        self.current.hvm_context = True
         self.hvm_context_seen = True
 
     def _hvm_params(self, offset, index, name, length, body):

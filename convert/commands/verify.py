@@ -7,7 +7,7 @@ import os
 import sys
 
 from xenstream.convert import edge, fdio
-from xenstream.v2.verify import FORMATS, verify_fd
+from xenstream.v2.verify import FORMATS, GUEST_TYPES, verify_fd
 
 CHECKPOINTED = {"auto": None, "yes": True, "no": False}
 
@@ -23,6 +23,7 @@ def register(subparsers) -> None:
                         help="whether the stream is checkpointed (Remus/COLO); auto: a CHECKPOINT record says so")
     parser.add_argument("--colo", action="store_true", help="COLO stream: a CHECKPOINT_STATE follows each CHECKPOINT_END")
     parser.add_argument("--max-vcpus", type=int, metavar="N", help="the target domain's vcpu count (vcpu ids must be below it)")
+    parser.add_argument("--guest", choices=tuple(GUEST_TYPES), help="the type of the domain the stream is for")
     parser.add_argument("--max-findings", type=int, default=100, metavar="N", help="report at most N errors and N warnings")
     parser.set_defaults(func=run)
 
@@ -31,7 +32,7 @@ def run(args) -> int:
     fd, owned = fdio.open_input_fd(args.input)
     try:
         report = verify_fd(fd, args.format, checkpointed=CHECKPOINTED[args.checkpointed], colo=args.colo,
-                           max_vcpus=args.max_vcpus, cap=args.max_findings)
+                           max_vcpus=args.max_vcpus, guest=args.guest, cap=args.max_findings)
     finally:
         if owned:
             os.close(fd)

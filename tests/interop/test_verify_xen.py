@@ -33,7 +33,7 @@ XEN_VERIFIER_LACKS = {
     "second-pv-info", "pv-info-width-8-levels-3", "pv-info-width-4-levels-4", "p2m-start-above-end",
     "p2m-frame-count-64bit", "p2m-frame-count-32bit", "pfn-above-p2m-range", "p2m-frame-pfn-above-range",
     "start-info-pfn-above-range", "gdt-frame-above-range", "cr3-above-range-64bit", "cr3-above-range-32bit-pae",
-    "vcpu-id-not-below-max-vcpus", "basic-size-64bit", "basic-size-32bit", "extended-over-128", "xsave-under-16",
+    "vcpu-id-not-below-max-vcpus", "vcpu-id-beyond-x86-pv-limit", "guest-type-mismatch", "basic-size-64bit", "basic-size-32bit", "extended-over-128", "xsave-under-16",
     "msrs-not-multiple-of-16", "p2m-frame-never-sent", "p2m-frame-resent-as-xtab", "start-info-never-sent",
     "start-info-is-a-page-table", "gdt-frame-is-a-page-table", "cr3-not-a-top-level-table",
     "cr3-resent-as-data-out-of-order", "user-cr1-not-a-table",

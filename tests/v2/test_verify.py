@@ -143,6 +143,9 @@ RULES = [
     # ---- vcpus
     ("vcpu-id-not-below-max-vcpus", pv(tail=pv_checkpoint_tail(vcpus=2)), {"max_vcpus": 1}, ERROR,
      "vcpu_id 1 not below the domain's 1 vcpus"),
+    ("vcpu-id-beyond-x86-pv-limit", pv(vcpu(VCPU_EXTENDED, 8192, bytes(64))), {}, ERROR,
+     "an x86 PV domain has at most 8192 vcpus"),
+    ("guest-type-mismatch", pv_stream(), {"guest": "hvm"}, ERROR, "a PV stream cannot be restored into a HVM domain"),
     ("basic-size-64bit", pv(tail=[tsc_info(), shared_info(), vcpu(VCPU_BASIC, 0, bytes(2800))]), {}, ERROR,
      "context 2800 bytes, expected 5168 for a 64-bit guest"),
     ("basic-size-32bit", pv(width=4, tail=[tsc_info(), shared_info(), vcpu(VCPU_BASIC, 0, bytes(5168))]), {}, ERROR,
@@ -165,6 +168,7 @@ RULES = [
     ("second-tsc-info", pv(tsc_info()), {}, WARNING, "second X86_TSC_INFO"),
     ("unknown-tsc-mode", pv(tail=[tsc_info(mode=7)] + pv_checkpoint_tail()[1:]), {}, WARNING, "unknown TSC mode 7"),
     ("hvm-params-without-entries", hvm(tail=[tsc_info(), hvm_context(), hvm_params(())]), {}, WARNING, "no entries"),
+    ("second-hvm-context", hvm(tail=hvm_checkpoint_tail() + [hvm_context()]), {}, WARNING, "second HVM_CONTEXT"),
     ("second-hvm-params", hvm(tail=hvm_checkpoint_tail() + [hvm_params()]), {}, WARNING, "second HVM_PARAMS"),
     # ---- mandatory records
     ("no-pv-info", libxc([p2m_frames(), page_data(PV_PAGES)] + pv_checkpoint_tail(), version=2), {}, ERROR,

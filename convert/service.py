@@ -20,6 +20,7 @@ import os
 import selectors
 import socket
 import stat
+import struct
 import threading
 import time
 
@@ -210,7 +211,7 @@ class Service:
             log.error("accept failed", listener=listener.name, error=exc.strerror or str(exc))
             time.sleep(0.05)
             return
-        peer = f"unix:{listener.listen.path}" if sock.family == socket.AF_UNIX else _peer_text(address)
+        peer = _unix_peer_text(sock) if sock.family == socket.AF_UNIX else _peer_text(address)
         reason = self._refusal(sock, address)
         if reason is not None:
             self.metrics.add("xenstream_connections_rejected_total", listener=listener.name, reason=reason)
@@ -246,6 +247,16 @@ class Service:
             with self._changed:
                 del self._connections[connection.ident]
                 self._changed.notify_all()
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")
+
+
+def _unix_peer_text(sock: socket.socket) -> str:
+    """Who is at the other end of a Unix socket, as the kernel vouches for it."""
+    pid, uid, gid = _PEER_CREDENTIALS.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size))
+    return f"unix:pid={pid},uid={uid},gid={gid}"
 
 
 def _peer_text(address) -> str:

@@ -81,6 +81,8 @@ class V2Passthrough:
     the end of input with nothing after it and the verifier has no objection.
     """
 
+    READER_STEP = 64 << 10  # the reader is fed little at a time so that payloads mostly bypass it
+
     def __init__(self, max_buffered: int):
         self._reader = V2Reader(layer="auto", payload="passthrough", strict=True)
         self._verifier = Verifier(fmt="auto")
@@ -97,20 +99,22 @@ class V2Passthrough:
         data = memoryview(data).cast("B")
         out: list = []
         reader = self._reader
-        if self._ended:
-            raise V2Malformed(f"{len(data)} bytes after the end of the stream", reader.offset)
-        if reader.payload_remaining and not reader.buffered and not self._held:
-            direct = min(len(data), reader.payload_remaining)
-            out.append(data[:direct])
-            reader.payload_consumed(direct)
-            self._forwarded += direct
-            data = data[direct:]
-        if data:
-            reader.feed(data)
-            self._drain()
-            if self._ended and reader.trailing_bytes:
-                raise V2Malformed(f"{reader.trailing_bytes} bytes after the end of the stream", reader.offset)
-            self._release(data, out)
+        while data:
+            if self._ended:
+                raise V2Malformed(f"{len(data)} bytes after the end of the stream", reader.offset)
+            if reader.payload_remaining and not reader.buffered and not self._held:
+                step = min(len(data), reader.payload_remaining)
+                out.append(data[:step])
+                reader.payload_consumed(step)
+                self._forwarded += step
+            else:
+                step = min(len(data), self.READER_STEP)
+                reader.feed(data[:step])
+                self._drain()
+                if self._ended and reader.trailing_bytes:
+                    raise V2Malformed(f"{reader.trailing_bytes} bytes after the end of the stream", reader.offset)
+                self._release(data[:step], out)
+            data = data[step:]
         return out
 
     def finish(self) -> list:

@@ -193,6 +193,8 @@ def test_unix_listener_to_unix_destination(rig):
     data = v2_stream(guest="hvm", pages=128, wrap="libxl", seed=4)
     send_stream(service.addresses["unix"], data)
     assert sinks["unix"].next_stream() == data
+    result = service.stream_result(_last_conn(service))
+    assert result["peer"] == f"unix:pid={os.getpid()},uid={os.getuid()},gid={os.getgid()}"
 
 
 def test_directory_destination_writes_one_complete_file(rig):

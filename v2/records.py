@@ -10,8 +10,9 @@ Record classes carry their type number as the class attribute ``TYPE``; ``LIBXC_
 number -> class and ``LIBXC_RECORD_NAMES`` type number -> spec name.
 
 PAGE_DATA is special: ``PageData`` holds the pfn/type words only. Its 4096-byte payloads are never part of
-the object; ``PageData.pack()`` returns the head (count, reserved, pfn words) and ``payload_length`` says
-how many payload bytes follow it in the stream.
+the object; ``PageData.pack()`` / ``unpack()`` handle the head (count, reserved, pfn words) and
+``payload_length`` says how many payload bytes follow it in the stream (the record's ``length`` is
+``head_length + payload_length``).
 """
 
 from __future__ import annotations
@@ -234,13 +235,11 @@ class PageData:
 
     @classmethod
     def unpack(cls, view, strict: bool = True) -> PageData:
-        """Decode a whole PAGE_DATA body (head and payload), checking its length; payload not kept."""
-        _require(len(view) >= 8, f"PAGE_DATA length {len(view)} too short for its count")
+        """Decode a PAGE_DATA head as ``pack`` makes it: count, reserved, exactly ``count`` pfn words."""
+        _require(len(view) >= 8, f"PAGE_DATA head length {len(view)} too short for its count")
         count = cls.unpack_count(view, strict)
-        _require(len(view) >= 8 + 8 * count, f"PAGE_DATA length {len(view)} too short for {count} pfn entries")
-        record = cls.unpack_words(memoryview(view)[8 : 8 + 8 * count], count, strict)
-        _require(len(view) == record.length, f"PAGE_DATA length {len(view)}, expected {record.length} for {count} entries with {record.page_count} pages")
-        return record
+        _require(len(view) == 8 + 8 * count, f"PAGE_DATA head length {len(view)}, expected {8 + 8 * count} for {count} entries")
+        return cls.unpack_words(memoryview(view)[8:], count, strict)
 
 
 # ---------------------------------------------------------------- PV records

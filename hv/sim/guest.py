@@ -122,8 +122,30 @@ class PvGuest:
         self.xen.mmu_update(self.domid, table, index, (mfn << 12) | _DATA_FLAGS)
         return mfn
 
-    def _start_info(self, mfn: int | None = None) -> memoryview:
-        return self._frame(self.p2m(self.layout.start_info_pfn) if mfn is None else mfn)
+    def data_pfns(self) -> list[int]:
+        """Ordinary pages the guest may scribble on (no structures, no read-only kernel text)."""
+        reserved = self.layout.special_pfns | set(self.layout.p2m_pfns) | set(self.layout.fl_pfns) | {
+            self.layout.fll_pfn, self.layout.start_info_pfn, self.layout.store_pfn, self.layout.console_pfn}
+        return [pfn for pfn in range(self.layout.kernel_pfns, self.layout.nr_pages) if pfn not in reserved]
+
+    def work(self, rng, pages: int, ptes: int = 0, candidates: list[int] | None = None) -> set[int]:
+        """Run for a while: write `pages` random data pages and toggle the accessed bit of `ptes`
+        direct-map entries through mmu_update. Returns the pfns that changed (for log-dirty tests)."""
+        candidates = candidates if candidates is not None else self.data_pfns()
+        touched: set[int] = set()
+        for pfn in rng.sample(candidates, min(pages, len(candidates))):
+            if self.p2m(pfn) == abi.INVALID_MFN:
+                continue
+            offset = rng.randrange(0, abi.PAGE_SIZE, 8)
+            self.write(pfn, offset, rng.randbytes(8))
+            touched.add(pfn)
+        m2p = self.xen.machine.m2p
+        for pfn in rng.sample(candidates, min(ptes, len(candidates))):
+            table, index, pte = self.direct_map_slot(pfn)
+            if pte & abi.PTE_PRESENT:
+                self.xen.mmu_update(self.domid, table, index, pte ^ abi.PTE_ACCESSED)
+                touched.add(m2p[table])
+        return touched
 
     def _rewrite_ring_frames(self, to_pfn: bool) -> None:
         layout = abi.START_INFO_LAYOUTS[self.width]

@@ -71,7 +71,14 @@ class SimXen:
     """One simulated host. `capacity_frames` bounds all domains' memory together."""
 
     def __init__(self, capacity_frames: int = 1 << 20, seed: int = 0, high_memory: bool = True) -> None:
-        self.machine = Machine(capacity_frames, seed=seed, high_memory=high_memory)
+        try:
+            self.machine = Machine(capacity_frames, seed=seed, high_memory=high_memory)
+        except OSError:
+            # The sparse M2P above 2**32 frames needs lazily committed memory (32 GiB of address
+            # space); under strict overcommit keep every frame low instead.
+            if not high_memory:
+                raise
+            self.machine = Machine(capacity_frames, seed=seed, high_memory=False)
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
         self.calls: dict[str, int] = {}  # operation -> count, for batching assertions

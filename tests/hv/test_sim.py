@@ -376,3 +376,37 @@ def test_grant_frame(host):
     frame[0:8] = b"\x01\x00\x00\x00\x05\x00\x00\x00"
     assert bytes(host.map_grant_frame(g.domid)[:8]) == b"\x01\x00\x00\x00\x05\x00\x00\x00"
     assert list(host.get_page_types(g.domid, [host.domains[g.domid].grant_frame])) == [abi.PFINFO_XTAB]
+
+
+@pytest.mark.parametrize("spec", ["pv64:mem=4M,seed=5", "pv32:mem=4M,seed=5,p2m=linear"])
+def test_log_dirty_sees_exactly_what_the_guest_changed(host, spec):
+    import random
+
+    g = _guest(host, spec)
+    nr = g.layout.nr_pages
+    host.logdirty_enable(g.domid)
+    before = {pfn: g.read_page(pfn) for pfn in range(nr)}
+    touched = g.work(random.Random(1), pages=40, ptes=10)
+    bitmap = bytearray(nr // 8)
+    stats = host.logdirty_clean(g.domid, bitmap, nr)
+    dirty = _bitmap_pfns(bitmap, nr)
+    changed = {pfn for pfn in range(nr) if g.read_page(pfn) != before[pfn]}
+    assert dirty == touched and changed <= dirty and stats.dirty_count == len(dirty)
+    assert any(t in {r.pfn for r in g.layout.tables} for t in dirty)  # PTE updates dirty the table
+    assert g.problems() == []
+
+
+def test_high_memory_falls_back_when_address_space_is_refused(monkeypatch):
+    from xenstream.hv.sim import machine
+
+    real = machine._anonymous
+
+    def no_huge(size, sparse=True):
+        if size > 1 << 33:
+            raise OSError(12, "Cannot allocate memory")
+        return real(size, sparse)
+
+    monkeypatch.setattr(machine, "_anonymous", no_huge)
+    xen = SimXen(capacity_frames=1 << 13, seed=1)
+    assert xen.get_max_mfn() < 1 << 32
+    assert _guest(xen).problems() == []

@@ -47,6 +47,16 @@ HVM_PARAM_ORDER = (
     c.CHUNK_HVM_CONSOLE_PFN, c.CHUNK_HVM_ACPI_IOPORTS_LOCATION, c.CHUNK_HVM_VIRIDIAN,
     c.CHUNK_HVM_IOREQ_SERVER_PFN, c.CHUNK_HVM_NR_IOREQ_SERVER_PAGES, c.CHUNK_HVM_X87_FIP_WIDTH,
 )
+# The Xen version (major, minor) from which each HVM parameter chunk exists (spec 2.4.4, 9.3).
+HVM_PARAM_SINCE = {
+    c.CHUNK_HVM_IDENT_PT: (4, 0), c.CHUNK_HVM_VM86_TSS: (4, 0), c.CHUNK_HVM_CONSOLE_PFN: (4, 1),
+    c.CHUNK_HVM_ACPI_IOPORTS_LOCATION: (4, 1), c.CHUNK_HVM_VIRIDIAN: (4, 2),
+    c.CHUNK_HVM_GENERATION_ID_ADDR: (4, 2), c.CHUNK_HVM_PAGING_RING_PFN: (4, 2),
+    c.CHUNK_HVM_ACCESS_RING_PFN: (4, 2), c.CHUNK_HVM_SHARING_RING_PFN: (4, 2),
+    c.CHUNK_HVM_IOREQ_SERVER_PFN: (4, 5), c.CHUNK_HVM_NR_IOREQ_SERVER_PAGES: (4, 5),
+    c.CHUNK_HVM_X87_FIP_WIDTH: (4, 5),
+}
+XEN_VERSIONS = tuple((4, minor) for minor in range(6))
 VGA_HOLE = range(0xA0, 0xC0)
 COMPRESSION_STAGING_PAGES = 8192  # the saver's page buffer; a full one is flushed as COMPRESSED_DATA
 DIRTY_FRACTION = 8  # one page in this many is in the guest's hot (repeatedly dirtied) working set
@@ -96,6 +106,7 @@ class BuildOptions:
     hvm_params: tuple[tuple[int, int], ...] | None = None
     x87_fip_width: int = 0
     go_message: bool = False
+    xen_version: tuple[int, int] = (4, 5)
 
     def __attrs_post_init__(self):
         if self.width not in (32, 64):
@@ -114,6 +125,24 @@ class BuildOptions:
             raise ValueError("checkpoint compression exists only in Remus streams")
         if self.guest == "hvm" and self.device_model == "QemuDeviceModelRecord" and self.checkpoints > 1:
             raise ValueError("QemuDeviceModelRecord runs to end of input: nothing can follow it")
+        if self.xen_version not in XEN_VERSIONS:
+            raise ValueError(f"xen_version must be one of {XEN_VERSIONS}")
+        missing = [feature for feature, since, used in self._versioned_features() if used and self.xen_version < since]
+        if missing:
+            raise ValueError(f"Xen {self.xen_version[0]}.{self.xen_version[1]} savers wrote no {', '.join(missing)}")
+
+    def _versioned_features(self):
+        hvm = self.guest == "hvm"
+        return (
+            ("xsave records", (4, 1), self.guest == "pv" and self.xsave),
+            ("TOOLSTACK chunk", (4, 2), self.toolstack),
+            ("checkpoint compression", (4, 2), self.compression),
+            ("BROKEN pages", (4, 3), self.broken_pages > 0),
+            ("HVM_X87_FIP_WIDTH chunk", (4, 5), self.x87_fip_width > 0),
+            ("xl header", (4, 1), self.wrapper.startswith("xl")),
+            ("JSON xl config", (4, 5), self.wrapper == "xl"),
+            ("DeviceModelRecord0002", (4, 1), hvm and self.device_model == "DeviceModelRecord0002"),
+        )
 
     @property
     def checkpointed(self) -> bool:
@@ -178,7 +207,8 @@ class _HvmGuest:
             }
         if options.x87_fip_width:
             values[c.CHUNK_HVM_X87_FIP_WIDTH] = options.x87_fip_width
-        return [(chunk, values[chunk]) for chunk in HVM_PARAM_ORDER if values.get(chunk)]
+        return [(chunk, values[chunk]) for chunk in HVM_PARAM_ORDER
+                if values.get(chunk) and options.xen_version >= HVM_PARAM_SINCE[chunk]]
 
 
 class _StreamBuilder:
@@ -211,6 +241,8 @@ class _StreamBuilder:
         self.dirtiable = [pfn for pfn in populated if pfn not in self.broken]
         self.hot_pages = sorted(self.rng.sample(self.dirtiable, max(2, len(self.dirtiable) // DIRTY_FRACTION)))
         self.buffer = bytearray(c.MAX_BATCH_SIZE * PAGE_SIZE) if reuse_buffers else None
+        self.extended_context_size = 56 if options.xen_version >= (4, 3) else 40 if options.xen_version >= (4, 2) else 32
+        self.tmem_oid_words = 3 if options.xen_version >= (4, 1) else 1
         self.tsc = ev.TscInfo(0, self.rng.randrange(10**9, 10**13), 2_893_000 + self.rng.randrange(1000), 0)
 
     def _plain_pfns(self, populated: list[int]) -> list[int]:
@@ -306,7 +338,7 @@ class _StreamBuilder:
                 yield ev.HvmParam(chunk_id, value)
         if o.toolstack:
             yield self._toolstack()
-        if not o.checkpointed:
+        if not o.checkpointed and o.xen_version >= (4, 1):
             yield ev.LastCheckpoint()
         if first and o.compression:
             yield ev.EnableCompression()
@@ -330,7 +362,7 @@ class _StreamBuilder:
             yield ev.UnmappedPfns(tuple(sorted(self.holes)))
             for vcpu in self.online:
                 yield ev.VcpuBasic(vcpu, self.guest.vcpu_context(vcpu, generation=checkpoint))
-                yield ev.VcpuExtended(vcpu, self.guest.extended_context(vcpu))
+                yield ev.VcpuExtended(vcpu, self.guest.extended_context(vcpu, self.extended_context_size))
                 if o.xsave:
                     record = self.guest.xsave_record(vcpu, checkpoint)
                     mask, size = struct.unpack_from("<QQ", record)
@@ -443,18 +475,18 @@ class _StreamBuilder:
 
     def _tmem(self):
         pools = tmem_pools(self.o.seed)
-        yield ev.TmemHeader(1, 16, 0, 0, 0)
+        yield ev.TmemHeader(0 if self.tmem_oid_words == 1 else 1, 16, 0, 0, 0)
         for pool in pools:
             persistent = pool.flags & 1
             n_pages = len(pool.pages) if persistent else 0
             yield ev.TmemPool(pool.pool_id, pool.flags, n_pages, struct.pack("<QQ", *pool.uuid))
             for page in pool.pages[:n_pages]:
-                yield ev.TmemPage(pool.pool_id, page.object_id, page.index, page.data)
+                yield ev.TmemPage(pool.pool_id, page.object_id[:self.tmem_oid_words], page.index, page.data)
         yield ev.TmemEnd()
 
     def _tmem_extra(self):
         (persistent, _) = tmem_pools(self.o.seed)
         yield ev.TmemExtraStart()
         for page in persistent.pages:
-            yield ev.TmemInvalidation(persistent.pool_id, page.object_id, page.index)
+            yield ev.TmemInvalidation(persistent.pool_id, page.object_id[:self.tmem_oid_words], page.index)
         yield ev.TmemExtraEnd()

@@ -190,14 +190,22 @@ class PvGuest:
             cr1_frame=None if layout.user_top_level is None else frame(layout.user_top_level),
         )
 
-    def extended_context(self, vcpu: int) -> bytes:
-        record = bytearray(EXTENDED_CONTEXT_SIZE)
+    def extended_context(self, vcpu: int, filled: int = EXTENDED_CONTEXT_FILLED) -> bytes:
+        """128 bytes: xen_domctl_ext_vcpucontext with `filled` meaningful bytes (56 from Xen 4.3, 40 in 4.2,
+        32 before); 4.0/4.1 savers did not clear the buffer, so their filler is leftover memory."""
+        if filled < 40:
+            record = bytearray(random.Random(self.seed * 7 + vcpu).randbytes(EXTENDED_CONTEXT_SIZE))
+        else:
+            record = bytearray(EXTENDED_CONTEXT_SIZE)
         if self.guest_width == 8:
             sys32, sysenter, cs = 0xFFFFFFFF81A2C4A0, 0xFFFFFFFF81A2C2E0, 0xE023
         else:
             sys32, sysenter, cs = 0, 0xC15E1A30, 0xE019
-        struct.pack_into("<IIQQHHBBxxQQQ", record, 0, vcpu, EXTENDED_CONTEXT_FILLED, sys32, sysenter, cs, cs,
-                         0, 1, 0x1000802, 0, 0)
+        struct.pack_into("<IIQQHHBBxx", record, 0, vcpu, filled, sys32, sysenter, cs, cs, 0, 1)
+        if filled >= 40:
+            struct.pack_into("<Q", record, 32, 0x1000802)
+        if filled >= 56:
+            struct.pack_into("<QQ", record, 40, 0, 0)
         return bytes(record)
 
     def xsave_record(self, vcpu: int, generation: int = 0) -> bytes:

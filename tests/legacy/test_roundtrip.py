@@ -80,16 +80,20 @@ def wire(events):
 def build_options(draw):
     guest = draw(st.sampled_from(["pv", "hvm"]))
     width = draw(st.sampled_from([32, 64]))
+    version = draw(st.sampled_from([(4, 0), (4, 1), (4, 2), (4, 3), (4, 5)]))
     checkpoints = draw(st.integers(1, 3))
     remus = checkpoints > 1 or draw(st.booleans())
-    wrapper = draw(st.sampled_from(["none", "xl", "xl-text", "xend", "libvirt"] + (["xenops"] if guest == "hvm"
-                                                                                     else [])))
+    wrappers = ["none", "xend", "libvirt"] + (["xenops"] if guest == "hvm" else [])
+    wrappers += ["xl"] if version == (4, 5) else ["xl-text"] if version >= (4, 1) else []
+    wrapper = draw(st.sampled_from(wrappers))
     if wrapper == "xenops":
         device_model = "XenopsQemuRecord"
     else:
         choices = [name for name in DEVICE_MODEL_RECORDS if name != "XenopsQemuRecord"]
         if checkpoints > 1:
             choices.remove("QemuDeviceModelRecord")
+        if version < (4, 1):
+            choices.remove("DeviceModelRecord0002")
         device_model = draw(st.sampled_from(choices))
     physmap = tuple(draw(st.lists(st.builds(
         PhysmapSpec, st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**30),
@@ -108,20 +112,21 @@ def build_options(draw):
         wrapper=wrapper,
         checkpoints=checkpoints,
         remus=remus,
-        compression=remus and draw(st.booleans()),
+        compression=remus and version >= (4, 2) and draw(st.booleans()),
         live_iterations=draw(st.integers(0, 2)),
         verify_pass=draw(st.booleans()),
         tmem=draw(st.booleans()),
-        xsave=draw(st.booleans()),
+        xsave=version >= (4, 1) and draw(st.booleans()),
         holes=draw(st.integers(0, 3)),
-        broken_pages=draw(st.integers(0, 2)),
-        toolstack=draw(st.booleans()),
+        broken_pages=draw(st.integers(0, 2)) if version >= (4, 3) else 0,
+        toolstack=version >= (4, 2) and draw(st.booleans()),
         physmap=physmap,
         physmap_gap=draw(st.binary(min_size=4, max_size=4)),
         device_model=device_model,
         device_model_size=draw(st.integers(8, 2000)),
-        x87_fip_width=draw(st.sampled_from([0, 4, 8])) if guest == "hvm" else 0,
+        x87_fip_width=draw(st.sampled_from([0, 4, 8])) if guest == "hvm" and version == (4, 5) else 0,
         go_message=wrapper == "xl" and not remus and not qemu_to_eof and draw(st.booleans()),
+        xen_version=version,
     )
 
 

@@ -295,3 +295,29 @@ def test_committed_samples_are_what_make_samples_builds():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--check"]) == 0
+
+
+def test_xen_40_streams_lack_the_later_elements():
+    hvm = _events(guest="hvm", seed=2, xen_version=(4, 0), toolstack=False, tmem=True,
+                  device_model="QemuDeviceModelRecord")
+    assert not any(isinstance(e, (ev.LastCheckpoint, ev.Toolstack)) for e in hvm)
+    assert {e.chunk_id for e in hvm if isinstance(e, ev.HvmParam)} == {-3, -4}
+    header = next(e for e in hvm if isinstance(e, ev.TmemHeader))
+    assert header.version == 0 and header.oid_words == 1
+    assert all(len(e.oid) == 1 for e in hvm if isinstance(e, (ev.TmemPage, ev.TmemInvalidation)))
+    pv = _events(seed=2, xen_version=(4, 0), toolstack=False, xsave=False)
+    assert not any(isinstance(e, ev.LastCheckpoint) for e in pv)
+    extended = next(e.data for e in pv if isinstance(e, ev.VcpuExtended))
+    assert struct.unpack_from("<I", extended, 4)[0] == 32 and any(extended[32:])
+    modern = next(e.data for e in _events(seed=2) if isinstance(e, ev.VcpuExtended))
+    assert struct.unpack_from("<I", modern, 4)[0] == 56 and not any(modern[56:])
+
+
+@pytest.mark.parametrize(("version", "feature"), [((4, 0), dict(xsave=True, toolstack=False)),
+                                                  ((4, 1), dict(toolstack=True)),
+                                                  ((4, 2), dict(broken_pages=1, toolstack=False)),
+                                                  ((4, 4), dict(wrapper="xl")),
+                                                  ((4, 4), dict(guest="hvm", x87_fip_width=4))])
+def test_features_a_version_lacks_are_rejected(version, feature):
+    with pytest.raises(ValueError, match="savers wrote no"):
+        BuildOptions(xen_version=version, **feature)

@@ -58,6 +58,16 @@ _XEN_L4_FLAGS = abi.PTE_PRESENT | abi.PTE_RW | abi.PTE_ACCESSED | abi.PTE_DIRTY
 _LINEAR_PT_SLOT = 258  # Xen's L4 self-map slot
 _COMPAT_M2P_FLAGS = abi.PTE_PRESENT | abi.PTE_PSE | abi.PTE_ACCESSED | abi.PTE_USER
 _FRAME = abi.PTE_FRAME_MASK
+# Flag bits a guest may set in a present entry (xen/arch/x86/mm.c base_disallow_mask and friends):
+# P, RW, USER, A, D, the software bits 9-11 and 52-62, NX; GLOBAL only in L1s; a PAE guest's L3
+# entries take neither NX nor the high software bits. Anything else (PSE, PWT/PCD, PAT) is refused.
+_SOFTWARE_BITS = 0xE00 | (0x7FF << 52)
+_UPPER_ALLOWED = (abi.PTE_PRESENT | abi.PTE_RW | abi.PTE_USER | abi.PTE_ACCESSED | abi.PTE_DIRTY
+                  | _SOFTWARE_BITS | abi.PTE_NX | _FRAME)
+_L1_ALLOWED = _UPPER_ALLOWED | abi.PTE_GLOBAL
+_PAE_L3_ALLOWED = _UPPER_ALLOWED & ~(abi.PTE_NX | (0x7FF << 52))
+_NOT_ALLOWED = {TYPE_L1: ~_L1_ALLOWED, TYPE_L2: ~_UPPER_ALLOWED, TYPE_PAE_XEN_L2: ~_UPPER_ALLOWED,
+                TYPE_L3: ~_UPPER_ALLOWED, TYPE_L4: ~_UPPER_ALLOWED}
 _PFINFO_LEVEL = {t: lvl << abi.PFINFO_LTAB_SHIFT for t, lvl in TYPE_LEVEL.items()}
 DEFAULT_TSC = TscInfo(mode=0, khz=2_400_000, nsec=0, incarnation=0)
 
@@ -633,9 +643,12 @@ class SimXen:
         ext_of, owner, ptype, tcount, flags = (machine.slot_extent_of, machine.owner, machine.ptype,
                                                machine.tcount, machine.flags)
         max_mfn, domid = machine.max_mfn, dom.domid
+        refused = _NOT_ALLOWED[TYPE_L1]
         for index, pte in enumerate(entries):
             if not pte & 1:
                 continue
+            if pte & refused:
+                raise ValidationError(f"L1 entry {index} ({pte:#x}) sets disallowed flags")
             mfn = (pte & _FRAME) >> 12
             extent = ext_of[mfn >> 9] if mfn < max_mfn else 0
             child = ((extent - 1) << 9) | (mfn & 511) if extent else -1
@@ -653,11 +666,15 @@ class SimXen:
                         taken: list[int]) -> None:
         machine = self.machine
         pae = dom.width == abi.WIDTH_32
+        refused = self._refused_flags(dom, table_type)
         for index, pte in enumerate(entries):
             if not pte & 1 or self._is_xen_slot(dom, table_type, index):
                 continue
             if pte & abi.PTE_PSE:
                 raise ValidationError(f"superpage entry {index} in mfn {machine.mfn_of_slot(slot):#x}")
+            if pte & refused:
+                raise ValidationError(f"entry {index} ({pte:#x}) of mfn {machine.mfn_of_slot(slot):#x} "
+                                      "sets disallowed flags")
             mfn = (pte & _FRAME) >> 12
             child = machine.slot_of(mfn)
             if child < 0 or machine.owner[child] != dom.domid:
@@ -667,6 +684,11 @@ class SimXen:
                 want = TYPE_PAE_XEN_L2
             self._get_type(dom, child, want)
             taken.append(child)
+
+    def _refused_flags(self, dom: Domain, table_type: int) -> int:
+        if table_type == TYPE_L3 and dom.width == abi.WIDTH_32:
+            return ~_PAE_L3_ALLOWED
+        return _NOT_ALLOWED[table_type]
 
     def _devalidate_table(self, dom: Domain, slot: int, table_type: int) -> None:
         machine = self.machine
@@ -678,6 +700,8 @@ class SimXen:
     def _take_entry_ref(self, dom: Domain, table_type: int, pte: int, index: int) -> None:
         if not pte & 1:
             return
+        if pte & self._refused_flags(dom, table_type):
+            raise ValidationError(f"entry {pte:#x} sets disallowed flags")
         machine = self.machine
         mfn = (pte & _FRAME) >> 12
         child = machine.slot_of(mfn)

@@ -410,3 +410,26 @@ def test_high_memory_falls_back_when_address_space_is_refused(monkeypatch):
     xen = SimXen(capacity_frames=1 << 13, seed=1)
     assert xen.get_max_mfn() < 1 << 32
     assert _guest(xen).problems() == []
+
+
+@pytest.mark.parametrize("level, entry", [(1, abi.PTE_PWT), (1, abi.PTE_PSE), (2, abi.PTE_GLOBAL), (2, abi.PTE_PCD)])
+def test_disallowed_flags_are_refused(host, level, entry):
+    d, m = _fresh_tables(host)
+    target = m[1] if level == 1 else m[2]
+    child = m[3]
+    if level == 2:
+        _write(host, d, child, {})
+    _write(host, d, target, {0: (child << 12) | abi.PTE_PRESENT | entry})
+    with pytest.raises(HypervisorError):
+        host.mmuext_pin(d, [(level, target)])
+
+
+def test_pae_l3_entries_take_no_nx(host):
+    d = host.create_domain(max_vcpus=1, max_pages=16)
+    host.set_address_size(d, 32)
+    l3, l2 = host.populate_physmap(d, [0, 1])
+    _write(host, d, l3, {3: (l2 << 12) | abi.PTE_PRESENT | abi.PTE_NX})
+    with pytest.raises(HypervisorError):
+        host.mmuext_pin(d, [(3, l3)])
+    _write(host, d, l3, {3: (l2 << 12) | abi.PTE_PRESENT | abi.PTE_RW})
+    host.mmuext_pin(d, [(3, l3)])

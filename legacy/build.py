@@ -417,16 +417,12 @@ class _StreamBuilder:
         self.pool.fill(dest, offset, pfn, self.generation[pfn])
 
     def _batches(self, pfns):
-        """Split an ascending PFN sequence as the saver does: at most 1024 entries, HVM first passes
-        aligned to 1024 PFNs; batches made only of XTAB entries are dropped."""
-        batch = []
-        for pfn in pfns:
-            if batch and (len(batch) == c.MAX_BATCH_SIZE or (not self.pv and pfn % c.MAX_BATCH_SIZE == 0)):
-                yield batch
-                batch = []
-            batch.append(pfn)
-        if batch:
-            yield batch
+        """Split an ascending PFN sequence as the saver does: 1024 selected PFNs a batch (so a first HVM
+        pass, which selects every PFN, gives batches aligned to 1024 PFNs); batches made only of XTAB
+        entries are dropped later."""
+        pfns = list(pfns)
+        for start in range(0, len(pfns), c.MAX_BATCH_SIZE):
+            yield pfns[start:start + c.MAX_BATCH_SIZE]
 
     def _entries_array(self, entries: list[int]) -> array.array:
         return array.array("Q" if self.o.width == 64 else "I", entries)

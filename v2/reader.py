@@ -183,12 +183,14 @@ class V2Reader:
         """The driver moved ``n`` payload bytes from the source itself, without feeding them."""
         if n < 0 or n > self._payload_remaining:
             raise ValueError(f"payload_consumed({n}) with {self._payload_remaining} payload bytes pending")
-        if len(self._buf) > self._pos:
+        if n and len(self._buf) > self._pos:
             raise ValueError("payload_consumed() while payload bytes are still buffered; take_payload() first")
         self._base += n
         self._payload_done(n)
 
     def _payload_done(self, n: int) -> None:
+        if not n:
+            return
         self._payload_remaining -= n
         if self._payload_remaining == 0:
             self._state = self._read_libxc_record

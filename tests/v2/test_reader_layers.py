@@ -189,3 +189,16 @@ def test_page_payload_page_accessor():
     while not isinstance(event := reader.next_event(), PagePayload):
         pass
     assert bytes(event.page(1)) == payload[PAGE_SIZE : 2 * PAGE_SIZE]
+
+
+def test_take_payload_without_pending_payload_is_a_no_op():
+    data = stream_bytes(guest="pv", pages=8)
+    reader = V2Reader(payload="passthrough")
+    reader.feed(data)
+    reader.feed(b"")
+    headers = 0
+    while not isinstance(event := reader.next_event(), EndOfStream):
+        headers += isinstance(event, Header)
+        assert len(reader.take_payload()) == (event.body.payload_length if isinstance(event, LibxcRecord) and isinstance(event.body, R.PageData) else 0)
+        reader.payload_consumed(0)
+    assert headers == 2 and event.complete

@@ -183,7 +183,8 @@ class Hypervisor(Protocol):
         """Turn a fresh PV domain into a 32-bit (compat) or 64-bit guest; EINVAL once it has memory."""
 
     def get_max_gpfn(self, domid: int) -> int:
-        """Highest gfn the domain has populated (the engines add 1)."""
+        """HVM: highest gfn mapped in Xen's p2m. PV: shared_info arch.max_pfn - 1 (the guest's own
+        published count; 0 when unset). The engines add 1."""
 
     def get_max_mfn(self) -> int:
         """Xen's max_page: the highest machine frame + 1 (the engines nevertheless compare with <=)."""

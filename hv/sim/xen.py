@@ -260,7 +260,14 @@ class SimXen:
                 vcpu.context = blank_vcpu_context(width)
 
     def get_max_gpfn(self, domid: int) -> int:
-        return self._domain(domid).max_gpfn
+        dom = self._domain(domid)
+        if dom.is_hvm:
+            return dom.max_gpfn
+        # PV: Xen reads the guest's own shared_info arch.max_pfn (a count) and subtracts one.
+        layout = abi.SHARED_INFO_LAYOUTS[dom.width]
+        page = self.machine.frame(dom.shared_info_frame)
+        count = int.from_bytes(page[layout.max_pfn:layout.max_pfn + dom.width], "little")
+        return (count or 1) - 1
 
     def get_max_mfn(self) -> int:
         return self.machine.max_mfn

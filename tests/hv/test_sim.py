@@ -102,7 +102,7 @@ def test_populate_limits_and_m2p(host):
     assert mfns[0] % 512 == 0 and mfns[1] % 512 == 0
     singles = host.populate_physmap(d, [1024, 1026, 7000])
     assert [m2p[m] for m in singles] == [1024, 1026, 7000]
-    assert host.get_max_gpfn(d) == 7000
+    assert host.get_max_gpfn(d) == 0  # PV: what the guest publishes in shared_info, nothing yet
     with pytest.raises(HypervisorError) as info:
         host.populate_physmap(d, [5000])
     assert info.value.errno == errno.ENOMEM
@@ -110,6 +110,18 @@ def test_populate_limits_and_m2p(host):
         host.populate_physmap(d, [100], order=9)
     with pytest.raises(HypervisorError):
         host.set_address_size(d, 32)  # too late once memory is there
+
+
+@pytest.mark.parametrize("spec", ["pv64:mem=3M,seed=1", "pv32:mem=3M,seed=1"])
+def test_pv_max_gpfn_comes_from_shared_info(host, spec):
+    g = _guest(host, spec)
+    assert host.get_max_gpfn(g.domid) == g.layout.nr_pages - 1
+
+
+def test_hvm_max_gpfn_is_highest_mapped(host):
+    d = host.create_domain(max_vcpus=1, max_pages=8, hvm=True)
+    host.populate_physmap(d, [3, 70])
+    assert host.get_max_gpfn(d) == 70
 
 
 def test_32_bit_domains_get_low_frames(host):

@@ -312,11 +312,12 @@ class _StreamBuilder:
         o = self.o
         if o.tmem:
             yield from self._tmem()
+        every_pfn = self.populated if self.pv else range(self.p2m_size)
         if not o.live:
             yield self.tsc
-            yield from self._pass(self.populated if self.pv else range(self.p2m_size))
+            yield from self._pass(every_pfn, dirty=False)
         else:
-            yield from self._pass(self.populated if self.pv else range(self.p2m_size))
+            yield from self._pass(every_pfn, dirty=False)
             for _ in range(max(o.live_iterations, 1) - 1):
                 yield from self._pass(self._dirty_set())
             if o.tmem:
@@ -325,7 +326,7 @@ class _StreamBuilder:
             yield from self._pass(self._dirty_set())
         if o.verify_pass:
             yield ev.EnableVerifyMode()
-            yield from self._pass(self.populated if self.pv else range(self.p2m_size), dirty=False)
+            yield from self._pass(every_pfn, dirty=False)
 
     def _body_end(self, first: bool):
         o = self.o
@@ -428,7 +429,8 @@ class _StreamBuilder:
         return array.array("Q" if self.o.width == 64 else "I", entries)
 
     def _pass(self, pfns, dirty: bool = True):
-        """One Format A pass: the given PFNs re-sent with their current contents."""
+        """One Format A pass: the given PFNs sent with their current contents, first rewritten by the
+        guest when they are `dirty` (a pass over pages dirtied since the previous one)."""
         if dirty:
             self._bump_generations(pfns)
         for batch in self._batches(pfns):

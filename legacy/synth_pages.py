@@ -6,6 +6,7 @@ first eight bytes, so no two non-zero pages are equal and general-purpose compre
 """
 
 import random
+import struct
 
 from xenstream.hv.abi import PAGE_SIZE
 
@@ -59,9 +60,9 @@ class PagePool:
         for round_ in range(1, generation + 1):
             mix = (pfn * 0x2545F491 + round_ * 0x9E3779B9) & 0xFFFFFFFF
             first_word = 2 + mix % 1000
-            for word in range(first_word, first_word + 1 + (mix >> 24) % 20):
-                at = offset + word * 4
-                dest[at:at + 4] = ((mix + word * 0x01000193) & 0xFFFFFFFF).to_bytes(4, "little")
+            words = range(first_word, first_word + 1 + (mix >> 24) % 20)
+            struct.pack_into(f"<{len(words)}I", dest, offset + first_word * 4,
+                             *((mix + word * 0x01000193) & 0xFFFFFFFF for word in words))
 
     def page(self, pfn: int, generation: int = 0) -> bytes:
         buf = bytearray(PAGE_SIZE)

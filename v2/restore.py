@@ -19,6 +19,9 @@ same way at the offset of END.
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
 import struct
 from array import array
 from collections.abc import Callable, Iterable
@@ -40,7 +43,13 @@ from xenstream.v2.records import DomainHeader, ImageHeader
 log = structlog.get_logger()
 
 INVALID = abi.INVALID_MFN
+HEAD_READ = 64 << 10  # small reads: what is read past a record head is payload that goes through Python
+_IOV_MAX = 1024
 _NEEDS_RAM = frozenset({0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC, abi.PAGETYPE_XALLOC})
+# L1..L4 with the pin bit (XTAB, BROKEN, XALLOC share that bit but have no table level).
+_PINNED_TYPE = re.compile(rb"[\x09-\x0c]")
+_TABLE_TYPES = frozenset(t for t in range(16) if abi.pagetable_level(t))
+_WITHOUT_RAM = frozenset({abi.PAGETYPE_XTAB, abi.PAGETYPE_BROKEN, abi.PAGETYPE_XALLOC})  # or no data
 _EXT_VCPU_OFFSET = 0
 _GRANT_ENTRY = struct.Struct("<HHI")
 _VALID_PV_INFO = {(abi.WIDTH_32, 3), (abi.WIDTH_64, 4)}
@@ -80,14 +89,15 @@ def _require(condition: bool, message: str) -> None:
 
 class PvRestorer:
     def __init__(self, hv: Hypervisor, domid: int, *, store_evtchn: int = 0, console_evtchn: int = 0,
-                 store_domid: int = 0, console_domid: int = 0, strict: bool = False) -> None:
+                 store_domid: int = 0, console_domid: int = 0, strict: bool = False, payload: str = "views") -> None:
         self.hv = hv
         self.domid = domid
         self.store_evtchn = store_evtchn
         self.console_evtchn = console_evtchn
         self.store_domid = store_domid
         self.console_domid = console_domid
-        self._reader = V2Reader(layer="auto", payload="views", strict=strict)
+        self._reader = V2Reader(layer="auto", payload=payload, strict=strict)
+        self._passthrough = payload == "passthrough"
         self._offset = 0
         self._done: RestoreResult | None = None
         self._ended = False
@@ -115,6 +125,8 @@ class PvRestorer:
         self._tables: TranslationTables | None = None
         self._pending: list[tuple[int, int, memoryview]] = []  # (pfn, type, guest frame) awaiting payload
         self._pending_next = 0
+        self._scratch: memoryview | None = None
+        self._page_record_offset = 0
         self.pages_written = 0
         self.pages_populated = 0
         self.verify_mismatches = 0
@@ -123,26 +135,52 @@ class PvRestorer:
     # ------------------------------------------------------------------ driving
 
     def feed(self, data) -> None:
-        """Feed stream bytes (b"" = end of input) and apply every record they complete."""
+        """Feed stream bytes (b"" = end of input) and apply every record they complete (views mode)."""
         self._reader.feed(data)
-        while True:
-            event = self._reader.next_event()
+        self._drain()
+
+    def run_fd(self, fd: int, initial: bytes = b"") -> RestoreResult:
+        """Read the whole stream from `fd` (after `initial`, bytes already read from it) and finish.
+
+        Passthrough mode: record heads are read in small pieces, and PAGE_DATA payloads go from the fd
+        straight into the guest's frames with readv (pagetables through a scratch page to be localised).
+        """
+        reader = self._reader
+        if initial:
+            reader.feed(initial)
+        while not self._drain():
+            if reader.payload_remaining:
+                self._receive_payload(fd)
+            else:
+                reader.feed(os.read(fd, HEAD_READ))
+        return self.finish()
+
+    def _drain(self) -> bool:
+        """Apply every event available; True once the stream has ended."""
+        reader = self._reader
+        while not self._ended:
+            if self._passthrough and reader.payload_remaining:
+                return False
+            event = reader.next_event()
             if event is NEED_DATA:
-                return
+                return False
             self._offset = event.offset
-            if isinstance(event, PagePayload):
-                self._page_payload(event)
-            elif isinstance(event, LibxcRecord):
-                self._apply(event)
-            elif isinstance(event, Header):
-                self._header(event.header)
-            elif isinstance(event, EndOfStream):
-                if not event.complete:
-                    raise TruncatedStream("stream ended without an END record", event.offset)
-                self._ended = True
-                return
-            elif isinstance(event, SkippedRecord):
-                continue
+            _EVENTS[type(event)](self, event)
+        return True
+
+    def _event_record(self, event: LibxcRecord) -> None:
+        self._apply(event)
+
+    def _event_header(self, event: Header) -> None:
+        self._header(event.header)
+
+    def _event_end(self, event: EndOfStream) -> None:
+        if not event.complete:
+            raise TruncatedStream("stream ended without an END record", event.offset)
+        self._ended = True
+
+    def _event_skipped(self, event: SkippedRecord) -> None:
+        pass
 
     def finish(self) -> RestoreResult:
         """After the input ended: the stream must have had its END; returns what was restored."""
@@ -251,71 +289,139 @@ class PvRestorer:
 
     def _page_data(self, body) -> None:
         _require(not self._pending_remaining(), "previous PAGE_DATA payload incomplete")
+        self._page_record_offset = self._offset
         self._infer_static_data_end()
         _require(self._static_data_end, "received before STATIC_DATA_END")
         _require(self._max_pfn >= 0, "received before X86_PV_P2M_FRAMES")
-        max_pfn = self._max_pfn
-        for pfn in body.pfns:
-            _require(pfn <= max_pfn, f"pfn {pfn:#x} out of range (max_pfn {max_pfn:#x})")
-        self._populate([p for p, t in zip(body.pfns, body.types) if t in _NEEDS_RAM])
-        types = self._types
-        data = []
-        for pfn, page_type in zip(body.pfns, body.types):
-            types[pfn] = page_type
-            if abi.pagetype_has_data(page_type):
-                data.append((pfn, page_type))
-        if not data:
-            self._pending = []
-            return
-        p2m = self._p2m
-        frames = self._call("map page batch", self.hv.map_foreign, self.domid, [p2m[p] for p, _ in data], True)
-        pending = []
-        for (pfn, page_type), frame in zip(data, frames):
-            _require(frame is not None, f"cannot map pfn {pfn:#x} (mfn {p2m[pfn]:#x}) writable")
-            pending.append((pfn, page_type, frame))
-        self._pending = pending
+        pfns, types = body.pfns, body.types
+        top = max(pfns)
+        _require(top <= self._max_pfn, f"pfn {top:#x} out of range (max_pfn {self._max_pfn:#x})")
+        first = pfns[0]
+        contiguous = pfns == tuple(range(first, first + len(pfns)))
+        plain = not _WITHOUT_RAM.intersection(types)
+        if contiguous and plain:  # the common case: one ascending run of pages that all carry data
+            self._populate_run(first, len(pfns))
+            self._types[first:first + len(pfns)] = bytes(types)
+            data_pfns, data_types = pfns, types
+            mfns = self._p2m[first:first + len(pfns)].tolist()
+        else:
+            self._populate([p for p, t in zip(pfns, types) if t in _NEEDS_RAM])
+            for pfn, page_type in zip(pfns, types):
+                self._types[pfn] = page_type
+            data = [(p, t) for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]
+            data_pfns, data_types = [p for p, _ in data], [t for _, t in data]
+            mfns = [self._p2m[p] for p in data_pfns]
+        self._pending = []
         self._pending_next = 0
+        if not data_pfns:
+            return
+        frames = self._call("map page batch", self.hv.map_foreign, self.domid, mfns, True)
+        if None in frames:
+            bad = frames.index(None)
+            raise _Fail(f"cannot map pfn {data_pfns[bad]:#x} (mfn {mfns[bad]:#x}) writable")
+        self._pending = list(zip(data_pfns, data_types, frames))
 
     def _pending_remaining(self) -> int:
         return len(self._pending) - self._pending_next
 
     def _page_payload(self, event: PagePayload) -> None:
-        data = event.data
-        count = len(data) >> 12
+        """Views mode: whole pages of the pending PAGE_DATA payload, in the reader's buffer."""
+        count = event.page_count
         first = self._pending_next
+        targets, scratch = self._targets(first, count)
+        data = event.data
+        for k, target in enumerate(targets):
+            target[:] = data[k << 12:(k + 1) << 12]
+        self._store(first, count, scratch)
+
+    def _receive_payload(self, fd: int) -> None:
+        """Passthrough mode: the rest of the pending PAGE_DATA payload, from the reader's buffer then the fd."""
+        reader = self._reader
+        first = self._pending_next
+        count = self._pending_remaining()
+        targets, scratch = self._targets(first, count)
+        total = count << 12
+        filled = 0
+        while reader.buffered and filled < total:
+            piece = reader.take_payload()
+            while piece:
+                index, within = filled >> 12, filled & 0xFFF
+                take = min(abi.PAGE_SIZE - within, len(piece))
+                targets[index][within:within + take] = piece[:take]
+                piece = piece[take:]
+                filled += take
+        moved = 0
+        while filled < total:
+            index, within = filled >> 12, filled & 0xFFF
+            vector = [targets[index][within:], *targets[index + 1:index + _IOV_MAX]]
+            n = os.readv(fd, vector)
+            if not n:
+                reader.payload_consumed(moved)
+                raise TruncatedStream(f"truncated PAGE_DATA payload: {total - filled} bytes missing",
+                                      self._page_record_offset)
+            filled += n
+            moved += n
+        reader.payload_consumed(moved)
+        self._store(first, count, scratch)
+
+    def _targets(self, first: int, count: int) -> tuple[list, list[tuple[int, int, int, int]]]:
+        """Where pending pages first..first+count-1 are received: the guest frame itself for a plain page,
+        a scratch page for a pagetable (localised before it goes in) and for every page in verify mode.
+        Returns (targets, scratch) with scratch entries (index in batch, pfn, level, scratch slot)."""
         batch = self._pending[first:first + count]
-        tables = [(k, pfn, abi.pagetable_level(t)) for k, (pfn, t, _) in enumerate(batch) if abi.pagetable_level(t)]
+        verify = self._verify
+        scratch = [(k, pfn, t & 0x7 if t in _TABLE_TYPES else 0) for k, (pfn, t, _) in enumerate(batch)
+                   if verify or t in _TABLE_TYPES]
+        buffer = memoryview(bytearray(len(scratch) << 12))
+        targets = [frame for _, _, frame in batch]
+        entries = []
+        for n, (k, pfn, level) in enumerate(scratch):
+            targets[k] = buffer[n << 12:(n + 1) << 12]
+            entries.append((k, pfn, level, n))
+        self._scratch = buffer
+        return targets, entries
+
+    def _store(self, first: int, count: int, scratch: list[tuple[int, int, int, int]]) -> None:
+        """Localise the scratch pagetables and move scratch pages into the guest (compare them in verify mode).
+
+        Errors carry the offset of the PAGE_DATA record the pages belong to.
+        """
+        offset = self._page_record_offset
+        batch = self._pending[first:first + count]
+        buffer = self._scratch
+        tables = [(n, pfn, level) for _, pfn, level, n in scratch if level]
         try:
-            localised = self._localised(data, tables) if tables else None
+            if tables:
+                self._localise(buffer, tables)
         except _Fail as exc:
-            raise MalformedStream(f"PAGE_DATA: {exc}", event.offset) from None
-        table_slot = {k: n for n, (k, _, _) in enumerate(tables)}
-        for k, (pfn, _, frame) in enumerate(batch):
-            n = table_slot.get(k)
-            page = data[k << 12:(k + 1) << 12] if n is None else localised[n << 12:(n + 1) << 12]
-            if self._verify:
-                if page != frame:
-                    self.verify_mismatches += 1
-                    log.warning("verify: page differs", pfn=f"{pfn:#x}", offset=event.offset)
-                continue
-            frame[:] = page
-            self.pages_written += 1
+            raise MalformedStream(f"PAGE_DATA: {exc}", offset) from None
+        for k, pfn, _, n in scratch:
+            page, frame = buffer[n << 12:(n + 1) << 12], batch[k][2]
+            if not self._verify:
+                frame[:] = page
+            elif page != frame:
+                self.verify_mismatches += 1
+                log.warning("verify: page differs", pfn=f"{pfn:#x}", offset=offset)
+        if not self._verify:
+            self.pages_written += count
+        self._scratch = None
         self._pending_next = first + count
         if self._pending_next == len(self._pending):
             self._pending = []
             self._pending_next = 0
 
-    def _localised(self, data: memoryview, tables: list[tuple[int, int, int]]) -> memoryview:
-        """Private copies of the pagetable pages of `data`, pfn -> mfn (spec 5.7), forward references populated."""
-        buffer = bytearray(len(tables) << 12)
-        for n, (k, _, _) in enumerate(tables):
-            buffer[n << 12:(n + 1) << 12] = data[k << 12:(k + 1) << 12]
+    def _localise(self, buffer: memoryview, tables: list[tuple[int, int, int]]) -> None:
+        """pfn -> mfn in place for the scratch pages `tables` (slot, pfn, level) (spec 5.7), populating
+        forward references first."""
+        pages = bytearray(len(tables) << 12)
+        for i, (slot, _, _) in enumerate(tables):
+            pages[i << 12:(i + 1) << 12] = buffer[slot << 12:(slot + 1) << 12]
         levels = [level for _, _, level in tables]
         missing = array("Q", bytes(8 * abi.PTES_PER_PAGE * len(tables)))
         while True:
             failure = None
             try:
-                count = kernels.localise_pages(self._translation(), buffer, levels, missing)
+                count = kernels.localise_pages(self._translation(), pages, levels, missing)
             except TranslationError as exc:
                 # Raised outside the handler: the kernel's frames (holding native buffer views) must
                 # die with the exception now, not ride along in a chain the GC frees in any order.
@@ -324,14 +430,42 @@ class PvRestorer:
                 _, pfn, level = tables[failure[0]] if 0 <= failure[0] < len(tables) else (0, -1, 0)
                 raise _Fail(f"L{level} pagetable at pfn {pfn:#x}, {failure[1]}")
             if not count:
-                return memoryview(buffer)
+                break
             self._populate(sorted(set(missing[:count])))
+        for i, (slot, _, _) in enumerate(tables):
+            buffer[slot << 12:(slot + 1) << 12] = pages[i << 12:(i + 1) << 12]
 
     def _translation(self) -> TranslationTables:
         if self._tables is None:
             self._tables = TranslationTables(levels=self._levels, m2p=self._m2p, max_mfn=self._max_mfn,
                                              p2m=P2MView.contiguous(self._p2m), max_pfn=self._max_pfn)
         return self._tables
+
+    def _populate_run(self, first: int, count: int) -> None:
+        """_populate for the ascending run first..first+count-1, without a per-pfn loop when it is all new."""
+        missing = self._p2m[first:first + count].count(INVALID)
+        if missing != count:
+            if missing:
+                self._populate(list(range(first, first + count)))
+            return
+        extent = abi.SUPERPAGE_FRAMES
+        aligned = -(-first // extent) * extent
+        blocks = range(aligned, first + count - extent + 1, extent)
+        singles = list(range(first, min(aligned, first + count)))
+        if blocks:
+            singles += range(blocks[-1] + extent, first + count)
+        else:
+            singles = list(range(first, first + count))
+        for block in blocks:
+            try:
+                base = self.hv.populate_physmap(self.domid, [block], abi.SUPERPAGE_ORDER)[0]
+            except HypervisorError:
+                singles.extend(range(block, block + extent))
+                continue
+            self._p2m[block:block + extent] = array("Q", range(base, base + extent))
+            self.pages_populated += extent
+        if singles:
+            self._populate(sorted(singles))
 
     def _populate(self, pfns: list[int]) -> None:
         """Allocate frames for the pfns not populated yet (spec 5.6): 2 MiB extents for complete aligned runs."""
@@ -505,18 +639,11 @@ class PvRestorer:
                             cr3=abi.cr3_from_mfn(cr3_mfn, self._width), cr1=cr1)
 
     def _pin_pagetables(self) -> None:
-        ops: list[tuple[int, int]] = []
-        pfns: list[int] = []
-        for pfn, page_type in enumerate(self._types):
-            level = abi.pagetable_level(page_type)
-            if page_type & abi.PAGETYPE_LPINTAB and level:
-                ops.append((level, self._p2m[pfn]))
-                pfns.append(pfn)
-                if len(ops) == abi.MAX_BATCH_SIZE:
-                    self._pin(ops, pfns)
-                    ops, pfns = [], []
-        if ops:
-            self._pin(ops, pfns)
+        """Pin every table recorded as pinned, in pfn order, 1024 per call (spec 5.8 step 2)."""
+        pinned = [m.start() for m in _PINNED_TYPE.finditer(self._types)]
+        for start in range(0, len(pinned), abi.MAX_BATCH_SIZE):
+            pfns = pinned[start:start + abi.MAX_BATCH_SIZE]
+            self._pin([(self._types[pfn] & 0x7, self._p2m[pfn]) for pfn in pfns], pfns)
 
     def _pin(self, ops: list[tuple[int, int]], pfns: list[int]) -> None:
         try:
@@ -562,6 +689,14 @@ _VCPU_BLOB_RULES: dict[str, tuple[Callable, Callable]] = {
              lambda width: f"expected a multiple of {abi.MSR_ENTRY_SIZE}"),
 }
 
+_EVENTS: dict[type, Callable] = {
+    PagePayload: PvRestorer._page_payload,
+    LibxcRecord: PvRestorer._event_record,
+    Header: PvRestorer._event_header,
+    EndOfStream: PvRestorer._event_end,
+    SkippedRecord: PvRestorer._event_skipped,
+}
+
 _HANDLERS: dict[int, Callable] = {
     C.REC_END: PvRestorer._end,
     C.REC_PAGE_DATA: PvRestorer._page_data,
@@ -594,15 +729,23 @@ class DomainFactory(Protocol):
     def destroy_domain(self, domid: int) -> None: ...
 
 
-def restore_new_domain(hv, chunks: Iterable[bytes], *, max_vcpus: int, max_pages: int,
+def restore_new_domain(hv, source: Iterable[bytes] | int, *, max_vcpus: int, max_pages: int, initial: bytes = b"",
                        store_evtchn: int = 1, console_evtchn: int = 2) -> RestoreResult:
-    """Create a PV domain on `hv` (a Hypervisor that is also a DomainFactory), restore the stream into it,
-    and destroy the domain again if the restore fails for any reason."""
+    """Create a PV domain on `hv` (a Hypervisor that is also a DomainFactory), restore a stream into it, and
+    destroy the domain again if the restore fails for any reason.
+
+    `source` is an iterable of stream chunks, or a readable fd (payloads then move fd -> guest with readv;
+    `initial` holds bytes already read from it).
+    """
     domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages)
     restorer = None
     try:
+        if isinstance(source, int):
+            restorer = PvRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
+                                  payload="passthrough")
+            return restorer.run_fd(source, initial)
         restorer = PvRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
-        for chunk in chunks:
+        for chunk in itertools.chain((initial,) if initial else (), source):
             restorer.feed(chunk)
         return restorer.finish()
     except BaseException:

@@ -106,15 +106,11 @@ def restore_fd(fd: int, frames: int) -> tuple[SimXen, RestoreResult]:
         if not data:
             break
         head += data
-    rest = fdio.read_chunks(fd, READ_SIZE)
-    chunks = ([head], rest) if is_v2(head) else (legacy_chunks(head, rest),)
-    result = restore_new_domain(xen, _chain(*chunks), max_vcpus=MAX_VCPUS, max_pages=frames)
-    return xen, result
-
-
-def _chain(*iterables):
-    for iterable in iterables:
-        yield from iterable
+    if is_v2(head):
+        source = fd  # page payloads go from the fd straight into the guest
+    else:
+        source, head = legacy_chunks(head, fdio.read_chunks(fd, READ_SIZE)), b""
+    return xen, restore_new_domain(xen, source, initial=head, max_vcpus=MAX_VCPUS, max_pages=frames)
 
 
 def report(xen: SimXen, result: RestoreResult) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import tempfile
 from array import array
 
 import attrs
@@ -69,8 +70,17 @@ def chunked(data: bytes, size: int):
 
 
 def restore(stream: bytes, spec: GuestSpec, *, host_seed: int = 1, chunk: int = 1 << 20, max_pages: int | None = None,
-            xen: SimXen | None = None) -> tuple[SimXen, RestoreResult]:
+            xen: SimXen | None = None, via_fd: bool = False) -> tuple[SimXen, RestoreResult]:
+    """Restore `stream` into a new domain: fed in chunks, or (via_fd) read by the engine from a file."""
     xen = xen or new_host(spec, host_seed)
+    if via_fd:
+        with tempfile.TemporaryFile() as file:
+            file.write(stream)
+            file.seek(0)
+            result = restore_new_domain(xen, file.fileno(), max_vcpus=spec.vcpus,
+                                        max_pages=max_pages if max_pages is not None else spec.nr_pages,
+                                        store_evtchn=STORE_EVTCHN, console_evtchn=CONSOLE_EVTCHN)
+        return xen, result
     result = restore_new_domain(xen, chunked(stream, chunk), max_vcpus=spec.vcpus,
                                 max_pages=max_pages if max_pages is not None else spec.nr_pages,
                                 store_evtchn=STORE_EVTCHN, console_evtchn=CONSOLE_EVTCHN)

@@ -129,8 +129,9 @@ def check_round_trip(src: es.Source, xen, result) -> None:
     assert resumed.problems() == []
 
 
-def test_save_restore_round_trip(source):
-    xen, result = es.restore(source.stream, source.spec)
+@pytest.mark.parametrize("via_fd", [False, True], ids=["fed", "fd"])
+def test_save_restore_round_trip(source, via_fd):
+    xen, result = es.restore(source.stream, source.spec, via_fd=via_fd)
     check_round_trip(source, xen, result)
 
 
@@ -148,10 +149,12 @@ shapes = st.builds(
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(spec=shapes, host_seed=st.integers(0, 1000), chunk=st.sampled_from([7, 4096, 1 << 20]))
+@given(spec=shapes, host_seed=st.integers(0, 1000), chunk=st.sampled_from([7, 4096, 1 << 20, "fd"]))
 def test_round_trip_property(spec, host_seed, chunk):
     src = es.make_source(spec, host_seed)
-    xen, result = es.restore(src.stream, src.spec, host_seed=host_seed + 1, chunk=chunk)
+    via_fd = chunk == "fd"
+    xen, result = es.restore(src.stream, src.spec, host_seed=host_seed + 1, chunk=1 if via_fd else chunk,
+                             via_fd=via_fd)
     check_round_trip(src, xen, result)
 
 

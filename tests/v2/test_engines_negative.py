@@ -85,10 +85,26 @@ def test_record_over_128_mib(src64):
     fails(src64, stream, MalformedStream, "limit")
 
 
+@pytest.mark.parametrize("via_fd", [False, True], ids=["fed", "fd"])
 @pytest.mark.parametrize("fraction", [0.001, 0.3, 0.999])
-def test_truncated_stream(src64, fraction):
+def test_truncated_stream(src64, fraction, via_fd):
     cut = int(len(src64.stream) * fraction)
-    fails(src64, src64.stream[:cut], TruncatedStream)
+    fails(src64, src64.stream[:cut], TruncatedStream, via_fd=via_fd)
+
+
+def test_errors_are_the_same_when_reading_an_fd(src64):
+    table = next(t for t in src64.guest.layout.tables if t.level == 2)
+
+    def change(headers, records):
+        index, _, offset = es.locate_page(records, table.pfn)
+        body = bytearray(records[index].body)
+        struct.pack_into("<Q", body, offset + 8 * 3, ((src64.digest.p2m_size + 1) << 12) | abi.PTE_PRESENT)
+        records[index].body = bytes(body)
+
+    stream = mutate(src64, change)
+    fed, read = fails(src64, stream), fails(src64, stream, via_fd=True)
+    assert (str(fed), fed.offset) == (str(read), read.offset)
+    assert f"pfn {table.pfn:#x}" in str(read) and "entry 3" in str(read)
 
 
 def test_stream_without_end(src64):

@@ -339,3 +339,86 @@ def test_options_skip_detection():
         LegacyParser(width=16)
     with pytest.raises(ValueError):
         LegacyParser(passthrough=True, keep_all_pages=True)
+
+
+PAGE_TYPES = [0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xC, 0xD, 0xE]
+
+
+@st.composite
+def random_streams(draw):
+    """A hand-built stream of random shape, with the batches it must come out as."""
+    width = draw(st.sampled_from([32, 64]))
+    guest = draw(st.sampled_from(["pv", "hvm"]))
+    p2m_size = draw(st.integers(min_value=4, max_value=40))
+    s = hb.Stream(width)
+    guest_width = draw(st.sampled_from([4, 8]))
+    if guest == "pv":
+        s.pv_header(p2m_size, guest_width)
+    else:
+        s.ulong(p2m_size).tsc()
+    checkpoints = draw(st.integers(min_value=1, max_value=3))
+    last = checkpoints == 1 and draw(st.booleans())
+    batches = []
+    for _ in range(checkpoints):
+        online = [0]
+        for kind in draw(st.lists(st.sampled_from(["batch", "tsc", "param", "vcpus", "toolstack"]), max_size=5)):
+            if kind == "batch":
+                pfns = draw(st.lists(st.integers(0, p2m_size - 1), unique=True, min_size=1, max_size=6))
+                types = [draw(st.sampled_from(PAGE_TYPES)) for _ in pfns]
+                entries = [t << 28 | pfn for t, pfn in zip(types, pfns)] + [0xF0000000] * draw(st.integers(0, 2))
+                pages = [hb.page(pfn + 16 * t) for t, pfn in zip(types, pfns) if t < 0xD]
+                s.batch(entries, pages)
+                batches.append((entries, b"".join(pages)))
+            elif kind == "tsc":
+                s.tsc(*draw(st.tuples(st.integers(0, 3), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                                      st.integers(0, 2**32 - 1))))
+            elif kind == "param":
+                s.hvm_param(draw(st.sampled_from(sorted(hb.HVM_PARAMS))), draw(st.integers(0, 2**64 - 1)))
+            elif kind == "vcpus":
+                online = sorted(draw(st.sets(st.integers(0, 70), min_size=1, max_size=3)))
+                words = [0] * (max(online) // 64 + 1)
+                for vcpu in online:
+                    words[vcpu // 64] |= 1 << (vcpu % 64)
+                s.vcpu_info(max(online), *words)
+            else:
+                s.toolstack(hb.toolstack_blob([(1, 2, 3, b"n\0")] * draw(st.integers(0, 2)), width))
+        if last:
+            s.i32(-9)
+        s.end_body()
+        if guest == "pv":
+            s.pv_tail(online, unmapped=draw(st.lists(st.integers(0, p2m_size - 1), max_size=3)),
+                      guest_width=guest_width)
+        else:
+            s.hvm_tail().dm_record(draw(st.binary(max_size=64)))
+    return s.bytes(), batches, checkpoints, last
+
+
+def merged_page_data(pairs):
+    """Passthrough PageData pieces follow the feeding; merge each run into one for comparisons."""
+    out = []
+    for offset, event in pairs:
+        if isinstance(event, ev.PageData) and out and isinstance(out[-1][1], ev.PageData):
+            out[-1] = (out[-1][0], ev.PageData(bytes(out[-1][1].data) + bytes(event.data)))
+        else:
+            out.append((offset, ev.PageData(bytes(event.data)) if isinstance(event, ev.PageData) else event))
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(random_streams(), st.randoms(use_true_random=False), st.booleans())
+def test_random_streams_whole_byte_by_byte_and_chunked(stream, rng, passthrough):
+    data, batches, checkpoints, last = stream
+
+    def parse(sizes):
+        return merged_page_data(feed_in_pieces(data, sizes, passthrough=passthrough))
+
+    whole = parse([len(data)])
+    assert whole == parse([1])
+    assert whole == parse([rng.randint(1, 5000) for _ in range(20)])
+    events = [event for _, event in whole]
+    parsed = [event for event in events if isinstance(event, ev.PageBatch)]
+    assert [list(batch.entries) for batch in parsed] == [entries for entries, _ in batches]
+    if not passthrough:
+        assert [bytes(batch.payload) for batch in parsed] == [pages for _, pages in batches]
+    assert [e.index for e in events if isinstance(e, ev.CheckpointEnd)] == list(range(1, checkpoints + 1))
+    assert events[-1] == ev.EndOfStream(checkpoints, "last-checkpoint" if last else "end-of-input")

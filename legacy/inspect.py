@@ -64,11 +64,21 @@ class V1Report:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def checkpointed(self) -> str:
+        """Whether the stream is a Remus one (spec 10.4): decided by the chunks or the checkpoint count."""
+        if self.chunks["ENABLE_COMPRESSION"] or len(self.checkpoints) > 1:
+            return "yes"
+        if self.chunks["LAST_CHECKPOINT"]:
+            return "no"
+        return "unknown"
+
     def to_dict(self) -> dict:
         data = attrs.asdict(self, recurse=True)
         data["pages_by_type"] = dict(sorted(self.pages_by_type.items(), key=lambda item: _TYPE_BYTES[item[0]]))
         data["chunks"] = dict(sorted(self.chunks.items()))
         data["ok"] = self.ok
+        data["checkpointed"] = self.checkpointed
         return {"format": "v1", **data}
 
     def lines(self) -> list[str]:
@@ -93,6 +103,10 @@ class V1Report:
             out.append("page entries by type: " + ", ".join(f"{k} {v}" for k, v in self.to_dict()["pages_by_type"].items()))
         if self.chunks:
             out.append("chunks: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.chunks.items())))
+        if self.checkpoints:
+            out.append(f"checkpointed: {self.checkpointed}" + (
+                " (one checkpoint, no LAST_CHECKPOINT: a Remus stream cut short, or a Xen 4.0 saver)"
+                if self.checkpointed == "unknown" else ""))
         for cp in self.checkpoints:
             state = "complete" if cp.end_offset is not None else "incomplete"
             form = ", compressed" if cp.compressed else ""

@@ -35,7 +35,7 @@ def test_pv_report(tmp_path):
         "unmapped_pfns": 2, "vcpu_records": {0: {"basic": 0x1430, "extended": 128, "xsave": 64}},
         "shared_info_bytes": 4096,
     }
-    assert report.end["reason"] == "last-checkpoint"
+    assert report.end["reason"] == "last-checkpoint" and report.checkpointed == "no"
     text = "\n".join(report.lines())
     assert "PV 64-bit guest, 4-level paging, 64-bit toolstack" in text
     json.dumps(report.to_dict())
@@ -51,11 +51,13 @@ def test_hvm_report_with_wrapper_and_trailing_bytes(tmp_path):
     ]
     assert report.tail["device_model"] == "DeviceModelRecord0002" and report.tail["device_model_bytes"] == 10
     assert report.go_message
+    assert inspect_bytes(tmp_path, hb.minimal_hvm(last=False).bytes()).checkpointed == "unknown"
 
 
 def test_compressed_checkpoints_report(tmp_path):
     report = inspect_bytes(tmp_path, remus_compressed().bytes())
     assert [c.compressed for c in report.checkpoints] == [False, True, True]
+    assert report.checkpointed == "yes"
     assert report.checkpoints[1].compressed_bytes == 2 * 4097 + 4097
     assert report.end == {
         "reason": "end-of-input", "complete_checkpoints": 3, "last_checkpoint_complete": True,

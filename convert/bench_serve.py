@@ -1,9 +1,10 @@
 """`xenstream bench serve`: concurrent v1 -> v2 conversions through `xenstream serve` on loopback,
 against the same byte streams through a trivial relay, measured in the same run.
 
-One v1 PV stream of --size bytes is synthesised (xenstream.legacy.build). Then, for each program
-(the trivial relay first, then the service), --streams senders push that stream at once over TCP
-loopback (sendfile from the page cache) and a sink in this process reads every output to its end. The
+One v1 PV stream of --size bytes is synthesised (xenstream.legacy.build). Then, alternately through
+each program (the trivial relay, the service; --repeat times, best run counts), --streams senders push
+that stream at once over TCP loopback (sendfile from the page cache) and a sink in this process reads
+every output to its end. The
 aggregate throughput is input bytes / wall time from the first byte sent to the last byte received.
 The relay is a thread-per-connection copy loop (recv_into one buffer, sendall) in its own Python
 process: what a relay costs with no conversion at all. Each program's peak RSS comes from `os.wait4`.
@@ -157,17 +158,20 @@ def _transfer(port: int, path: str, streams: int, sink: _Sink) -> tuple[float, l
     return seconds, received, errors
 
 
-def _stop(child: subprocess.Popen) -> int:
-    """The child's peak RSS in bytes, then SIGTERM and reap it.
+def _stop(child: subprocess.Popen) -> tuple[int, float]:
+    """The child's peak RSS in bytes and its CPU seconds (user + system), then SIGTERM and reap it.
 
     VmHWM, not wait4's ru_maxrss: the latter also counts the moments between fork and exec, when the
     child is a copy of this (much larger) benchmark process.
     """
     with open(f"/proc/{child.pid}/status") as status:
         peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    with open(f"/proc/{child.pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     child.send_signal(signal.SIGTERM)
     child.wait(60)
-    return peak
+    return peak, cpu
 
 
 def _start_relay(port: int, sink: _Sink) -> subprocess.Popen:
@@ -197,9 +201,8 @@ def _start_service(port: int, sink: _Sink, fmt: str, scratch: str) -> subprocess
     return child
 
 
-def _best_of(repeat: int, port: int, path: str, streams: int, sink: _Sink) -> tuple[float, list[int], list]:
+def _summarise(runs: list) -> tuple[float, list[int], list]:
     """Best wall time; the byte counts of every output and the errors of every run."""
-    runs = [_transfer(port, path, streams, sink) for _ in range(repeat)]
     return (min(seconds for seconds, _, _ in runs), [n for _, received, _ in runs for n in received],
             [e for _, _, errors in runs for e in errors])
 
@@ -211,18 +214,25 @@ def _compare(path: str, streams: int, fmt: str, scratch: str, repeat: int) -> in
         while handle.read(1 << 24):
             pass
     sink = _Sink()
+    relay = service = None
     try:
-        relay_port = _free_port()
+        relay_port, service_port = _free_port(), _free_port()
         relay = _start_relay(relay_port, sink)
-        relay_seconds, relay_out, relay_errors = _best_of(repeat, relay_port, path, streams, sink)
-        relay_rss = _stop(relay)
-
-        service_port = _free_port()
         service = _start_service(service_port, sink, fmt, scratch)
-        service_seconds, service_out, service_errors = _best_of(repeat, service_port, path, streams, sink)
-        service_rss = _stop(service)
+        # Alternate the two, so that whatever else the machine does weighs on both alike.
+        relay_runs, service_runs = [], []
+        for _ in range(repeat):
+            relay_runs.append(_transfer(relay_port, path, streams, sink))
+            service_runs.append(_transfer(service_port, path, streams, sink))
+        relay_rss, relay_cpu = _stop(relay)
+        service_rss, service_cpu = _stop(service)
     finally:
         sink.close()
+        for child in (relay, service):
+            if child is not None and child.poll() is None:
+                child.kill()
+    relay_seconds, relay_out, relay_errors = _summarise(relay_runs)
+    service_seconds, service_out, service_errors = _summarise(service_runs)
 
     total = size * streams / 1e6
     correct = relay_out == [size] * (streams * repeat) and service_out == [expected] * (streams * repeat)
@@ -233,6 +243,7 @@ def _compare(path: str, streams: int, fmt: str, scratch: str, repeat: int) -> in
           f"peak RSS {human_size(relay_rss)}")
     print(f"  xenstream serve  {service_seconds:7.2f} s  {total / service_seconds:8.1f} MB/s aggregate  "
           f"ratio to the relay {ratio:.2f}x (target {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+    print(f"  service CPU      {service_cpu / repeat:.2f} s per run (start-up included; the relay's: {relay_cpu / repeat:.2f} s)")
     print(f"  service peak RSS {human_size(service_rss)} "
           f"(target under {human_size(TARGET_RSS)}: {'met' if service_rss < TARGET_RSS else 'MISSED'})")
     if not correct or relay_errors or service_errors:

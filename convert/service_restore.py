@@ -28,6 +28,8 @@ class SimulatedHost:
 
 
 class RestoreSink:
+    SPLICES = False  # the engine reads every payload byte
+
     def __init__(self, host: SimulatedHost):
         self._host = host
         with host.lock:

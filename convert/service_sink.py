@@ -39,8 +39,15 @@ class DestinationError(Exception):
         self.reason = reason
 
 
+def _splice_all(pipe_fd: int, fd: int, count: int) -> None:
+    while count:
+        count -= os.splice(pipe_fd, fd, count, flags=os.SPLICE_F_MOVE | os.SPLICE_F_MORE)
+
+
 class SocketSink:
     """A connected TCP or Unix stream socket; sends block at most `idle` seconds (a stalled receiver)."""
+
+    SPLICES = True
 
     def __init__(self, address: TcpAddress | UnixAddress, connect_timeout: float, idle_timeout: float):
         self.description = str(address)
@@ -81,6 +88,15 @@ class SocketSink:
         except OSError as exc:
             raise DestinationError("closed", f"writing to {self.description}: {exc.strerror or exc}") from None
 
+    def splice_from(self, pipe_fd: int, count: int) -> None:
+        """Send `count` bytes waiting in a pipe, in the kernel."""
+        try:
+            _splice_all(pipe_fd, self._sock.fileno(), count)
+        except (BlockingIOError, TimeoutError):
+            raise DestinationError("stalled", f"{self.description} accepted nothing for {self._idle:g}s") from None
+        except OSError as exc:
+            raise DestinationError("closed", f"writing to {self.description}: {exc.strerror or exc}") from None
+
     def commit(self) -> str:
         try:
             self._sock.shutdown(socket.SHUT_WR)
@@ -108,6 +124,8 @@ class DirectorySink:
     replaces an existing file, so a name clash fails the stream instead of overwriting an image.
     """
 
+    SPLICES = True
+
     def __init__(self, target: DirectoryTarget, listener: str, connection: int, suffix: str):
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         self._dir = target.path
@@ -132,6 +150,12 @@ class DirectorySink:
                     else:
                         pending[0] = head[written:]
                         written = 0
+        except OSError as exc:
+            raise DestinationError("io", f"writing {self._temp}: {exc.strerror or exc}") from None
+
+    def splice_from(self, pipe_fd: int, count: int) -> None:
+        try:
+            _splice_all(pipe_fd, self._fd, count)
         except OSError as exc:
             raise DestinationError("io", f"writing {self._temp}: {exc.strerror or exc}") from None
 

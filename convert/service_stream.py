@@ -9,6 +9,10 @@ the strict reader and verifier follow it. Both obey one contract:
 * ``finish() -> list of buffers``: at end of input. Returns the rest, including the final END, only when
   the whole input was a complete valid stream; otherwise raises a StreamError (legacy or v2 family)
   with the offset, and the destination has never been given an END that would make it look complete.
+* ``direct_payload``: how many of the next input bytes are page payload that goes to the output
+  unchanged and unseen (0 when none). The caller may move up to that many bytes from its source to its
+  destination itself (e.g. with splice, never entering user space) and report them with
+  ``payload_moved(n) -> list of buffers`` instead of feeding them.
 * ``pages``: guest pages carried so far; ``variant``: what was detected, for logs and metrics;
   ``suffix``: a file name suffix for the output's layer.
 
@@ -43,8 +47,11 @@ class StreamConversion(Protocol):
     variant: str
     suffix: str
     pages: int
+    direct_payload: int
 
     def feed(self, data: memoryview) -> list: ...
+
+    def payload_moved(self, count: int) -> list: ...
 
     def finish(self) -> list: ...
 
@@ -102,7 +109,7 @@ class V2Passthrough:
         while data:
             if self._ended:
                 raise V2Malformed(f"{len(data)} bytes after the end of the stream", reader.offset)
-            if reader.payload_remaining and not reader.buffered and not self._held:
+            if self.direct_payload:
                 step = min(len(data), reader.payload_remaining)
                 out.append(data[:step])
                 reader.payload_consumed(step)
@@ -116,6 +123,18 @@ class V2Passthrough:
                 self._release(data[:step], out)
             data = data[step:]
         return out
+
+    @property
+    def direct_payload(self) -> int:
+        reader = self._reader
+        if reader.buffered or self._held:
+            return 0
+        return reader.payload_remaining
+
+    def payload_moved(self, count: int) -> list:
+        self._reader.payload_consumed(count)
+        self._forwarded += count
+        return []
 
     def finish(self) -> list:
         self._reader.feed(b"")
@@ -241,7 +260,7 @@ class LegacyUpgrade:
         data = memoryview(data).cast("B")
         parser = self._parser
         while data:
-            if self._route is Payload.OUTPUT and parser.payload_pending and self._fed == parser.offset:
+            if self.direct_payload:
                 step = min(len(data), parser.payload_pending)
                 self._writer.write(data[:step])
                 parser.consumed_externally(step)
@@ -256,6 +275,20 @@ class LegacyUpgrade:
                                   parser.offset)
         if self._end is not None and self._fed - self._end > self.TRAILING_LIMIT:
             raise LegacyMalformed(f"more than {self.TRAILING_LIMIT} bytes after the end of the stream", self._end)
+        return self._outbox.take()
+
+    @property
+    def direct_payload(self) -> int:
+        parser = self._parser
+        if self._route is not Payload.OUTPUT or self._fed != parser.offset:
+            return 0
+        return parser.payload_pending
+
+    def payload_moved(self, count: int) -> list:
+        self._parser.consumed_externally(count)
+        self._writer.payload_written(count)
+        self._fed += count
+        self._drain()
         return self._outbox.take()
 
     def finish(self) -> list:

@@ -44,6 +44,9 @@ from xenstream.v2.writer import V2Writer, encode_record
 log = structlog.get_logger()
 
 STREAM_VERSION = 3
+_KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
+_DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
+_TABLE_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES if abi.pagetable_level(t))
 _EXT_SIZE_OFFSET = 4
 
 
@@ -119,30 +122,33 @@ def stream_pages(view: PvGuestView, first_pfn: int, count: int):
     hv, domid = view.hv, view.domid
     gfns = view.gfns(first_pfn, count)
     codes = hypervisor_call(f"page-type query of pfns {first_pfn:#x}+{count}", hv.get_page_types, domid, gfns)
+    present = set(codes)
+    unknown = present - _KNOWN_CODES
+    if unknown:
+        i = next(i for i, code in enumerate(codes) if code in unknown)
+        raise SaveError(f"unknown page type {codes[i]:#x} for pfn {first_pfn + i:#x}")
     types = [code >> abi.PFINFO_LTAB_SHIFT for code in codes]
-    data_index = []
-    for i, (code, page_type) in enumerate(zip(codes, types)):
-        if code & ~abi.PFINFO_LTAB_MASK or page_type not in abi.KNOWN_PAGETYPES:
-            raise SaveError(f"unknown page type {code:#x} for pfn {first_pfn + i:#x}")
-        if abi.pagetype_has_data(page_type):
-            data_index.append(i)
+    if present.isdisjoint(_DATALESS_CODES):
+        data_index = range(count)
+        data_gfns = gfns
+    else:
+        data_index = [i for i, code in enumerate(codes) if code not in _DATALESS_CODES]
+        data_gfns = [gfns[i] for i in data_index]
     if not data_index:
         return types, []
-    mapped = hypervisor_call("map page batch", hv.map_foreign, domid, [gfns[i] for i in data_index])
+    mapped = hypervisor_call("map page batch", hv.map_foreign, domid, data_gfns)
+    if None in mapped:
+        i = data_index[mapped.index(None)]
+        raise SaveError(f"cannot map pfn {first_pfn + i:#x} (mfn {gfns[i]:#x})", errno.EFAULT)
     payloads: list = list(mapped)
-    table_slots, table_pfns, table_levels = [], [], []
-    for slot, (i, page) in enumerate(zip(data_index, mapped)):
-        if page is None:
-            raise SaveError(f"cannot map pfn {first_pfn + i:#x} (mfn {gfns[i]:#x})", errno.EFAULT)
-        level = abi.pagetable_level(types[i])
-        if level:
-            table_slots.append(slot)
-            table_pfns.append(first_pfn + i)
-            table_levels.append(level)
-    if table_slots:
-        tables = normalised_tables(view, table_pfns, table_levels, [mapped[s] for s in table_slots])
-        for k, slot in enumerate(table_slots):
-            payloads[slot] = tables[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE]
+    if present.isdisjoint(_TABLE_CODES):
+        return types, payloads
+    table_slots = [slot for slot, i in enumerate(data_index) if codes[i] in _TABLE_CODES]
+    table_pfns = [first_pfn + data_index[slot] for slot in table_slots]
+    table_levels = [types[data_index[slot]] & 0x7 for slot in table_slots]
+    tables = normalised_tables(view, table_pfns, table_levels, [mapped[s] for s in table_slots])
+    for k, slot in enumerate(table_slots):
+        payloads[slot] = tables[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE]
     return types, payloads
 
 

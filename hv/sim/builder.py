@@ -66,7 +66,10 @@ class GuestSpec:
     """`pv64:mem=256M,vcpus=2,online=1,seed=7,p2m=linear` (mem required; vcpus 1, online all, seed 0).
 
     `p2m=linear` also maps the P2M linearly and publishes p2m_cr3/p2m_vaddr (Xen >= 4.7 guests);
-    the default `tree` publishes only the frame-list-list.
+    the default `tree` publishes only the frame-list-list. `maxmem=` (>= mem) makes the P2M cover
+    more pfns than are populated, the way Linux does: the unpopulated tail shares one all-INVALID
+    leaf ("p2m_missing"), one frame list of it ("p2m_mid_missing") and, when linear, one L1 table
+    mapping it ("p2m_missing_pte"); arch.max_pfn publishes maxmem. The save engine trims that tail.
     """
 
     width: int
@@ -75,6 +78,7 @@ class GuestSpec:
     online: int = 1
     seed: int = 0
     p2m: str = "tree"
+    max_pages: int = 0  # pfns the P2M covers (maxmem); 0 = nr_pages
 
     @classmethod
     def parse(cls, text: str) -> GuestSpec:
@@ -85,15 +89,13 @@ class GuestSpec:
         fields: dict[str, str] = {}
         for item in filter(None, match.group(2).split(",")):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("mem", "vcpus", "online", "seed", "p2m") or key in fields:
+            if not sep or key not in ("mem", "vcpus", "online", "seed", "p2m", "maxmem") or key in fields:
                 raise GuestSpecError(f"bad guest spec item {item!r}")
             fields[key] = value
         if "mem" not in fields:
             raise GuestSpecError("guest spec needs mem=")
-        size = _SIZE_RE.match(fields["mem"])
-        if not size:
-            raise GuestSpecError(f"bad memory size {fields['mem']!r}")
-        mem = int(size.group(1)) * _UNITS[size.group(2).upper()]
+        mem = _size(fields["mem"])
+        maxmem = _size(fields["maxmem"]) if "maxmem" in fields else mem
         try:
             vcpus = int(fields.get("vcpus", "1"))
             online = int(fields.get("online", str(vcpus)))
@@ -102,17 +104,27 @@ class GuestSpec:
             raise GuestSpecError(str(exc)) from None
         if mem % abi.PAGE_SIZE or mem < 64 * abi.PAGE_SIZE:
             raise GuestSpecError("mem must be a whole number of pages, at least 256K")
+        if maxmem % abi.PAGE_SIZE or maxmem < mem:
+            raise GuestSpecError("maxmem must be a whole number of pages, at least mem")
         if not 1 <= online <= vcpus <= abi.XEN_LEGACY_MAX_VCPUS:
             raise GuestSpecError("need 1 <= online <= vcpus <= 32")
         p2m = fields.get("p2m", "tree")
         if p2m not in ("tree", "linear"):
             raise GuestSpecError(f"p2m must be tree or linear, not {p2m!r}")
-        return cls(width=width, nr_pages=mem // abi.PAGE_SIZE, vcpus=vcpus, online=online, seed=seed, p2m=p2m)
+        max_pages = maxmem // abi.PAGE_SIZE if maxmem > mem else 0
+        return cls(width=width, nr_pages=mem // abi.PAGE_SIZE, vcpus=vcpus, online=online, seed=seed, p2m=p2m,
+                   max_pages=max_pages)
+
+    @property
+    def p2m_pages(self) -> int:
+        return max(self.max_pages, self.nr_pages)
 
     def __str__(self) -> str:
         kind = "pv64" if self.width == abi.WIDTH_64 else "pv32"
         linear = ",p2m=linear" if self.p2m == "linear" else ""
-        return f"{kind}:mem={self.nr_pages * 4}K,vcpus={self.vcpus},online={self.online},seed={self.seed}{linear}"
+        maxmem = f",maxmem={self.max_pages * 4}K" if self.max_pages > self.nr_pages else ""
+        return (f"{kind}:mem={self.nr_pages * 4}K,vcpus={self.vcpus},online={self.online},seed={self.seed}"
+                f"{linear}{maxmem}")
 
 
 @attrs.frozen
@@ -132,6 +144,13 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _size(text: str) -> int:
+    size = _SIZE_RE.match(text)
+    if not size:
+        raise GuestSpecError(f"bad memory size {text!r}")
+    return int(size.group(1)) * _UNITS[size.group(2).upper()]
+
+
 class _Builder:
     def __init__(self, xen: SimXen, spec: GuestSpec) -> None:
         self.xen = xen
@@ -140,6 +159,11 @@ class _Builder:
         self.width = spec.width
         self.nr = spec.nr_pages
         self.fpp = abi.frames_per_page(self.width)
+        self.n_leaves = _ceil_div(self.nr, self.fpp)  # leaves holding populated pfns
+        self.total_leaves = _ceil_div(spec.p2m_pages, self.fpp)
+        self.sparse = self.total_leaves > self.n_leaves
+        if _ceil_div(self.total_leaves, self.fpp) > self.fpp:
+            raise GuestSpecError("maxmem beyond what a P2M tree can describe")
         self.word = "Q" if self.width == abi.WIDTH_64 else "I"
 
     # -- plan -----------------------------------------------------------------------------------
@@ -186,13 +210,14 @@ class _Builder:
         online = sorted(rng.sample(range(1, spec.vcpus), spec.online - 1)) if spec.online > 1 else []
         self.online = [0] + online
         self.nproc = max(1, min(len(self.online), 1 + rng.randrange(2)))
-        n_leaves = _ceil_div(nr, self.fpp)
+        n_leaves = self.n_leaves
         n_fl = _ceil_div(n_leaves, self.fpp)
+        n_missing = 2 if self.sparse else 0
         self.gdt_ents = {v: (32 if v == 0 else rng.choice((32, 640))) for v in self.online}
         n_gdt = sum(abi.gdt_frames_used(e) for e in self.gdt_ents.values())
         shape = self._table_shape()
         n_tables = sum(shape.values())
-        needed = 3 + n_leaves + n_fl + 1 + n_gdt + n_tables
+        needed = 3 + n_leaves + n_fl + 1 + n_missing + n_gdt + n_tables
         if self.kernel_pfns + needed + 1 > nr:
             raise GuestSpecError(f"{nr} pages cannot hold the guest's {needed} structure pages")
         region = list(range(self.kernel_pfns, self.kernel_pfns + needed))
@@ -206,6 +231,7 @@ class _Builder:
         self.p2m_pfns = sorted(pfns(n_leaves))
         self.fl_pfns = sorted(pfns(n_fl))
         self.fll_pfn = pfns(1)[0]
+        self.missing_pfns = pfns(n_missing)  # p2m_missing leaf, p2m_mid_missing frame list
         self.gdt_pfns = {v: pfns(abi.gdt_frames_used(self.gdt_ents[v])) for v in self.online}
         self.table_pfns = {name: pfns(count) for name, count in shape.items()}
         self.tables = [TableRef(pfn, _TABLE_LEVEL[self.width][name]) for name, pfn_list in self.table_pfns.items()
@@ -225,7 +251,9 @@ class _Builder:
             console_pfn=self.console_pfn, p2m_pfns=tuple(self.p2m_pfns), fl_pfns=tuple(self.fl_pfns),
             fll_pfn=self.fll_pfn, tables=tuple(self.tables), pinned=pinned, vcpus=tuple(vcpus),
             fixmap_l1_pfn=self.table_pfns["fixmap_l1"][0], kernel_pfns=self.kernel_pfns,
-            p2m_vaddr=self._p2m_vaddr())
+            p2m_vaddr=self._p2m_vaddr(), p2m_pages=spec.p2m_pages,
+            p2m_missing_pfn=self.missing_pfns[0] if self.sparse else None,
+            p2m_mid_missing_pfn=self.missing_pfns[1] if self.sparse else None)
         taken = set(region)
         self.data_pfns = [p for p in range(nr) if p not in taken]
         self.user_pages = [sorted(rng.sample(self.data_pfns[self.kernel_pfns:] or self.data_pfns,
@@ -239,7 +267,10 @@ class _Builder:
 
     def _table_shape(self) -> dict[str, int]:
         nr, nproc = self.nr, self.nproc
-        linear_l1 = _ceil_div(_ceil_div(nr, self.fpp), 512) if self.spec.p2m == "linear" else 0
+        linear = self.spec.p2m == "linear"
+        linear_l1 = _ceil_div(self.n_leaves, 512) if linear else 0
+        l2_entries = _ceil_div(self.total_leaves, 512)
+        missing_pte = 1 if linear and l2_entries > linear_l1 else 0
         if self.width == abi.WIDTH_64:
             n_l1 = _ceil_div(nr, 512)
             n_l2 = _ceil_div(n_l1, 512)
@@ -247,7 +278,9 @@ class _Builder:
                      "fixmap_l3": 1, "fixmap_l2": 1, "fixmap_l1": 1,
                      "proc_root": nproc, "user_root": nproc, "user_l3": nproc, "user_l2": nproc, "user_l1": nproc}
             if linear_l1:
-                shape.update(p2m_l1=linear_l1, p2m_l2=_ceil_div(linear_l1, 512), p2m_l3=1)
+                shape.update(p2m_l1=linear_l1, p2m_l2=_ceil_div(l2_entries, 512), p2m_l3=1)
+            if missing_pte:
+                shape.update(p2m_missing_pte=1)
             return shape
         low = min(nr, LOWMEM_PFNS_32)
         high = min(nr, LOWMEM_PFNS_32 + HIGHMEM_PFNS_32) - low
@@ -256,13 +289,24 @@ class _Builder:
                  "top_l2": 1, "fixmap_l1": 1, "root": 1, "proc_root": nproc}
         if linear_l1:
             shape.update(p2m_l1=linear_l1, p2m_l2=1)
+        if missing_pte:
+            shape.update(p2m_missing_pte=1)
         return shape
 
     def _linear_p2m_l1s(self, t: dict[str, list[int]]) -> None:
-        leaves = self.p2m_pfns
+        """L1s mapping the leaves in order; past the populated ones the shared missing leaf, and whole
+        L1s of nothing but that are one shared table repeated (what the save engine's trim looks for)."""
+        leaves = [(self.p2m[leaf] << 12) | DATA_FLAGS for leaf in self.p2m_pfns]
+        if self.sparse:
+            leaves += [(self.p2m[self.missing_pfns[0]] << 12) | READONLY_FLAGS] * (self.total_leaves - self.n_leaves)
         for k, pfn in enumerate(t["p2m_l1"]):
-            self._write_entries(pfn, [(self.p2m[leaf] << 12) | DATA_FLAGS for leaf in leaves[k * 512:(k + 1) * 512]])
-        self._write_upper(t["p2m_l2"], t["p2m_l1"])
+            self._write_entries(pfn, leaves[k * 512:(k + 1) * 512])
+        l1s = list(t["p2m_l1"])
+        if "p2m_missing_pte" in t:
+            missing_pte = t["p2m_missing_pte"][0]
+            self._write_entries(missing_pte, [(self.p2m[self.missing_pfns[0]] << 12) | READONLY_FLAGS] * 512)
+            l1s += [missing_pte] * (_ceil_div(self.total_leaves, 512) - len(l1s))
+        self._write_upper(t["p2m_l2"], l1s)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -358,11 +402,17 @@ class _Builder:
             chunk = list(p2m[k * fpp:(k + 1) * fpp])
             self._frame(pfn)[:] = self._words(chunk + [invalid] * (fpp - len(chunk)))
         leaves = [self.p2m[p] for p in self.p2m_pfns]
+        leaf_filler, fl_filler = invalid, invalid
+        if self.sparse:
+            missing, mid_missing = (self.p2m[p] for p in self.missing_pfns)
+            self._frame(self.missing_pfns[0])[:] = self._words([invalid] * fpp)
+            self._frame(self.missing_pfns[1])[:] = self._words([missing] * fpp)
+            leaf_filler, fl_filler = missing, mid_missing
         for k, pfn in enumerate(self.fl_pfns):
             chunk = leaves[k * fpp:(k + 1) * fpp]
-            self._frame(pfn)[:] = self._words(chunk + [invalid] * (fpp - len(chunk)))
+            self._frame(pfn)[:] = self._words(chunk + [leaf_filler] * (fpp - len(chunk)))
         fls = [self.p2m[p] for p in self.fl_pfns]
-        self._frame(self.fll_pfn)[:] = self._words(fls + [invalid] * (fpp - len(fls)))
+        self._frame(self.fll_pfn)[:] = self._words(fls + [fl_filler] * (fpp - len(fls)))
 
     def _put(self, view: memoryview, offset: int, width: int, value: int) -> None:
         view[offset:offset + width] = value.to_bytes(width, "little")
@@ -497,7 +547,7 @@ class _Builder:
         page[lay.evtchn_mask:lay.evtchn_mask + lay.evtchn_bytes] = rng.randbytes(lay.evtchn_bytes)
         page[lay.wc_version:lay.wc_version + 12] = struct.pack("<III", 2, 1_764_000_000 + rng.randrange(10**6),
                                                                rng.randrange(10**9))
-        self._put(page, lay.max_pfn, w, self.nr)
+        self._put(page, lay.max_pfn, w, self.spec.p2m_pages)
         self._put(page, lay.pfn_to_mfn_frame_list_list, w, self.p2m[self.fll_pfn])
         for field in (lay.nmi_reason, lay.p2m_cr3, lay.p2m_vaddr, lay.p2m_generation):
             self._put(page, field, w, 0)
@@ -521,7 +571,7 @@ class _Builder:
 _TABLE_LEVEL = {
     abi.WIDTH_64: {"l1": 1, "l2": 2, "l3": 3, "root": 4, "fixmap_l3": 3, "fixmap_l2": 2, "fixmap_l1": 1,
                    "proc_root": 4, "user_root": 4, "user_l3": 3, "user_l2": 2, "user_l1": 1,
-                   "p2m_l1": 1, "p2m_l2": 2, "p2m_l3": 3},
+                   "p2m_l1": 1, "p2m_l2": 2, "p2m_l3": 3, "p2m_missing_pte": 1},
     abi.WIDTH_32: {"l1": 1, "high_l1": 1, "high_l2": 2, "top_l2": 2, "fixmap_l1": 1, "root": 3, "proc_root": 3,
-                   "p2m_l1": 1, "p2m_l2": 2},
+                   "p2m_l1": 1, "p2m_l2": 2, "p2m_missing_pte": 1},
 }

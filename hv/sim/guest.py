@@ -66,12 +66,20 @@ class PvGuest:
         return self.walk(vaddr)
 
     def leaf_mfns(self) -> list[int]:
+        """The frame of every P2M leaf, found through the kernel's own mappings."""
         if self._leaf_mfns is None:
-            self._leaf_mfns = [abi.pte_frame(self.direct_map_slot(pfn)[2]) for pfn in self.layout.p2m_pfns]
+            frames = {pfn: abi.pte_frame(self.direct_map_slot(pfn)[2]) for pfn in set(self.layout.p2m_leaf_pfns)}
+            self._leaf_mfns = [frames[pfn] for pfn in self.layout.p2m_leaf_pfns]
         return self._leaf_mfns
+
+    @property
+    def p2m_pages(self) -> int:
+        return max(self.layout.p2m_pages, self.layout.nr_pages)
 
     def p2m(self, pfn: int) -> int:
         """The guest's own P2M entry (64-bit INVALID for a hole)."""
+        if not 0 <= pfn < self.p2m_pages:
+            return abi.INVALID_MFN
         leaf = self._frame(self.leaf_mfns()[pfn // self.fpp])
         value = self._word.unpack_from(leaf, (pfn % self.fpp) * self.width)[0]
         if value == abi.INVALID_MFN_FOR_WIDTH[self.width]:
@@ -83,7 +91,7 @@ class PvGuest:
         out = array("Q")
         for mfn in self.leaf_mfns():
             out.extend(self._frame(mfn).cast(fmt))
-        del out[self.layout.nr_pages:]
+        del out[self.p2m_pages:]
         if self.width == abi.WIDTH_32:
             out = array("Q", (abi.INVALID_MFN if v == abi.INVALID_MFN_32 else v for v in out))
         return out
@@ -97,6 +105,8 @@ class PvGuest:
         self.xen.guest_write(self.domid, self.p2m(pfn), offset, data)
 
     def _set_p2m(self, pfn: int, mfn: int) -> None:
+        if pfn // self.fpp >= len(self.layout.p2m_pfns):
+            raise GuestError(f"pfn {pfn:#x} lies in the shared missing leaf")
         value = abi.INVALID_MFN_FOR_WIDTH[self.width] if mfn == abi.INVALID_MFN else mfn
         leaf = self.leaf_mfns()[pfn // self.fpp]
         self.xen.guest_write(self.domid, leaf, (pfn % self.fpp) * self.width, self._word.pack(value))
@@ -125,7 +135,8 @@ class PvGuest:
     def data_pfns(self) -> list[int]:
         """Ordinary pages the guest may scribble on (no structures, no read-only kernel text)."""
         reserved = self.layout.special_pfns | set(self.layout.p2m_pfns) | set(self.layout.fl_pfns) | {
-            self.layout.fll_pfn, self.layout.start_info_pfn, self.layout.store_pfn, self.layout.console_pfn}
+            self.layout.fll_pfn, self.layout.start_info_pfn, self.layout.store_pfn, self.layout.console_pfn,
+            self.layout.p2m_missing_pfn, self.layout.p2m_mid_missing_pfn}
         return [pfn for pfn in range(self.layout.kernel_pfns, self.layout.nr_pages) if pfn not in reserved]
 
     def work(self, rng, pages: int, ptes: int = 0, candidates: list[int] | None = None) -> set[int]:
@@ -176,17 +187,21 @@ class PvGuest:
         layout = abi.START_INFO_LAYOUTS[self.width]
         shared = self._word.unpack_from(start_info, layout.shared_info)[0] >> 12
         self._map_shared_info(shared)
-        invalid = abi.INVALID_MFN_FOR_WIDTH[self.width]
-        leaves = self.leaf_mfns()
+        leaf_filler = fl_filler = abi.INVALID_MFN_FOR_WIDTH[self.width]
+        leaves = self.leaf_mfns()[:len(self.layout.p2m_pfns)]
         fmt = "Q" if self.width == abi.WIDTH_64 else "I"
+        if self.layout.p2m_missing_pfn is not None:
+            leaf_filler = self.p2m(self.layout.p2m_missing_pfn)
+            fl_filler = self.p2m(self.layout.p2m_mid_missing_pfn)
+            self.write(self.layout.p2m_mid_missing_pfn, 0, array(fmt, [leaf_filler] * self.fpp).tobytes())
         for k, pfn in enumerate(self.layout.fl_pfns):
             chunk = leaves[k * self.fpp:(k + 1) * self.fpp]
-            self.write(pfn, 0, array(fmt, chunk + [invalid] * (self.fpp - len(chunk))).tobytes())
+            self.write(pfn, 0, array(fmt, chunk + [leaf_filler] * (self.fpp - len(chunk))).tobytes())
         fls = [self.p2m(pfn) for pfn in self.layout.fl_pfns]
-        self.write(self.layout.fll_pfn, 0, array(fmt, fls + [invalid] * (self.fpp - len(fls))).tobytes())
+        self.write(self.layout.fll_pfn, 0, array(fmt, fls + [fl_filler] * (self.fpp - len(fls))).tobytes())
         info = abi.SHARED_INFO_LAYOUTS[self.width]
         page = self._frame(shared)
-        self._word.pack_into(page, info.max_pfn, self.layout.nr_pages)
+        self._word.pack_into(page, info.max_pfn, self.p2m_pages)
         self._word.pack_into(page, info.pfn_to_mfn_frame_list_list, self.p2m(self.layout.fll_pfn))
         if self.layout.p2m_vaddr:
             root = self.p2m(self.layout.pinned[0].pfn)

@@ -49,6 +49,9 @@ class GuestLayout:
     fixmap_l1_pfn: int  # entry 0 maps shared_info while the guest runs
     kernel_pfns: int  # pfns 0..kernel_pfns-1 hold the read-only "kernel image"
     p2m_vaddr: int = 0  # where the P2M is mapped linearly (published in shared_info), 0 = tree only
+    p2m_pages: int = 0  # pfns the P2M covers (published arch.max_pfn); pfns >= nr_pages are holes
+    p2m_missing_pfn: int | None = None  # shared all-INVALID leaf of a sparse P2M
+    p2m_mid_missing_pfn: int | None = None  # shared frame list naming only that leaf
 
     @property
     def levels(self) -> int:
@@ -57,6 +60,12 @@ class GuestLayout:
     @property
     def fpp(self) -> int:
         return abi.frames_per_page(self.width)
+
+    @property
+    def p2m_leaf_pfns(self) -> tuple[int, ...]:
+        """The pfn holding each leaf of the P2M, the shared missing leaf repeated for the tail."""
+        total = -(-max(self.p2m_pages, self.nr_pages) // self.fpp)
+        return self.p2m_pfns + (self.p2m_missing_pfn,) * (total - len(self.p2m_pfns))
 
     @property
     def special_pfns(self) -> frozenset[int]:

@@ -186,3 +186,32 @@ def test_tree_guest_publishes_no_linear_p2m():
     xen, built, _ = _build("pv64:mem=4M,seed=2")
     lay = abi.SHARED_INFO_64
     assert bytes(xen.shared_info(built.domid))[lay.p2m_cr3:lay.p2m_cr3 + 16] == bytes(16)
+
+
+@pytest.mark.parametrize("spec", ["pv64:mem=6M,maxmem=2G,seed=3", "pv64:mem=6M,maxmem=3G,seed=3,p2m=linear",
+                                  "pv32:mem=6M,maxmem=5G,vcpus=2,seed=4", "pv32:mem=6M,maxmem=1G,seed=4,p2m=linear"])
+def test_sparse_p2m_like_linux(spec):
+    xen, built, guest = _build(spec)
+    layout, width = built.layout, built.spec.width
+    assert layout.p2m_pages == built.spec.p2m_pages > layout.nr_pages
+    assert guest.problems() == []
+    table = guest.p2m_table()
+    assert len(table) == layout.p2m_pages
+    assert all(mfn == abi.INVALID_MFN for mfn in table[layout.nr_pages:])
+    assert xen.get_max_gpfn(built.domid) == layout.p2m_pages - 1
+    fmt = "Q" if width == abi.WIDTH_64 else "I"
+    fll = array(fmt, bytes(xen.machine.frame(guest.p2m(layout.fll_pfn))))
+    mid_missing = guest.p2m(layout.p2m_mid_missing_pfn)
+    assert list(fll[len(layout.fl_pfns):]) == [mid_missing] * (len(fll) - len(layout.fl_pfns))
+    missing = array(fmt, bytes(xen.machine.frame(mid_missing)))
+    assert set(missing) == {guest.p2m(layout.p2m_missing_pfn)}
+    assert GuestSpec.parse(str(built.spec)) == built.spec
+    guest.suspend()
+    xen.resume_domain(built.domid)
+    guest.resume_cancelled()
+    assert guest.problems() == []
+
+
+def test_maxmem_below_mem_is_refused():
+    with pytest.raises(GuestSpecError):
+        GuestSpec.parse("pv64:mem=8M,maxmem=4M")

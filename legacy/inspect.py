@@ -1,6 +1,6 @@
 """What a v1 stream holds, summarised from its events: the data model behind `xenstream inspect` for v1.
 
-`inspect_fd(fd, width=None, guest=None, xl=None)` parses a whole stream (page data passed over, never
+`inspect_fd(fd, width=None, guest=None, xl=None, head=b"")` parses a whole stream (page data passed over, never
 kept) and returns a `V1Report`; `V1Report.to_dict()` is the JSON form, `V1Report.lines()` the text form.
 A stream error ends the report early: it keeps what was seen and records the error (`error`,
 `error_offset`); `ok` is False then.
@@ -314,9 +314,16 @@ class _Collector:
         self.report.trailing_bytes += len(event.data)
 
 
-def inspect_fd(fd: int, width: int | None = None, guest: str | None = None, xl: bool | None = None) -> V1Report:
-    """Read a whole v1 stream from fd and summarise it; page data is read past, not kept."""
+def inspect_fd(
+    fd: int, width: int | None = None, guest: str | None = None, xl: bool | None = None, head: bytes = b""
+) -> V1Report:
+    """Read a whole v1 stream from fd and summarise it; page data is read past, not kept.
+
+    ``head``: the stream's first bytes when the caller already read them from fd.
+    """
     parser = LegacyParser(width, guest, xl, passthrough=True)
+    if head:
+        parser.feed(head)
     collector = _Collector()
     try:
         while True:

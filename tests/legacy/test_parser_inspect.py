@@ -93,3 +93,44 @@ def test_vectors_report(tmp_path, case):
     assert len(report.checkpoints) == spec["checkpoints"]
     assert report.vcpus == {"max_vcpu_id": spec["max_vcpu_id"], "online": spec["online_vcpus"]}
     assert report.p2m_size == spec["p2m_size"]
+
+
+def run_cli(*argv) -> int:
+    from xenstream.convert.cli import main
+
+    return main(["inspect", *argv])
+
+
+def test_cli_inspect_v1_text_and_json(tmp_path, capsys):
+    path = tmp_path / "s.v1"
+    path.write_bytes(hb.minimal_hvm(32).bytes())
+    assert run_cli(str(path)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("legacy v1 stream: HVM, 32-bit toolstack, wrapper none")
+    assert "HVM_X87_FIP_WIDTH" in out
+    assert run_cli("--json", str(path)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "v1" and report["variant"]["width"] == 32 and report["ok"]
+    assert report["pages_by_type"] == {"NOTAB": 2, "XALLOC": 1, "XTAB": 1}
+
+
+def test_cli_inspect_v1_options_decide_what_bytes_cannot(tmp_path, capsys):
+    path = tmp_path / "s.v1"
+    stream = hb.Stream(64).ulong(0x20).vcpu_info(0, 1).i32(-9).end_body().hvm_tail().dm_record()
+    path.write_bytes(stream.bytes())
+    assert run_cli(str(path)) == 1
+    captured = capsys.readouterr()
+    assert "--guest" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert run_cli("--guest", "hvm", "--width", "64", "--xl", "no", str(path)) == 0
+    assert "variant" not in capsys.readouterr().err
+
+
+def test_cli_inspect_v1_bad_stream_prints_what_was_read_and_one_error_line(tmp_path, capsys):
+    path = tmp_path / "s.v1"
+    stream = hb.minimal_pv()
+    path.write_bytes(stream.bytes()[: stream.marks["vcpu_info"] + 6])
+    assert run_cli(str(path)) == 1
+    captured = capsys.readouterr()
+    assert "page entries by type" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"xenstream: offset {stream.marks['vcpu_info'] + 4:#x}: input ends inside")

@@ -384,7 +384,7 @@ def test_metrics_count_streams_bytes_and_failures(rig):
 # ------------------------------------------------------------------------------------------ own instances
 
 
-def _small_service(tmp_path, sink: SinkServer, **service_settings) -> ServiceProcess:
+def _small_service(tmp_path, sink: SinkServer, listen: str = "127.0.0.1:0", **service_settings) -> ServiceProcess:
     settings = "\n".join(f"{key} = {value}" for key, value in service_settings.items())
     config = f"""
 [service]
@@ -396,7 +396,7 @@ idle = 10
 
 [[listener]]
 name = "tcp"
-listen = "127.0.0.1:0"
+listen = "{listen}"
 destination = "{sink.address}"
 """
     return ServiceProcess(str(tmp_path), config).start()
@@ -410,6 +410,22 @@ def test_allowlist_refuses_other_sources(tmp_path):
         refused = service.wait_log(lambda e: e.get("event") == "connection refused")
         assert refused["reason"] == "allowlist"
         assert sink.streams.empty()
+        assert service.stop() == 0
+    finally:
+        service.kill()
+        sink.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_ipv6_loopback_listener_with_an_allowlist_that_admits_it(tmp_path):
+    sink = SinkServer()
+    service = _small_service(tmp_path, sink, listen="[::1]:0", allow='["::1/128"]')
+    try:
+        assert service.addresses["tcp"].startswith("[::1]:")
+        data = v2_stream(pages=16, seed=15)
+        send_stream(service.addresses["tcp"], data)
+        assert sink.next_stream() == data
+        assert service.stream_result(1)["peer"].startswith("[::1]:")
         assert service.stop() == 0
     finally:
         service.kill()

@@ -275,3 +275,22 @@ def test_metrics_render_prometheus_text():
     assert 'xenstream_conversion_seconds_bucket{listener="a",le="0.5"} 1\n' in text
     assert 'xenstream_conversion_seconds_count{listener="a"} 1\n' in text
     assert "# TYPE xenstream_conversion_seconds histogram\n" in text
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_serve_command_line_checks_its_configuration(capsys, tmp_path):
+    from xenstream.convert.cli import main
+
+    assert main(["serve", "--listen", "9000"]) == 1
+    assert "--to" in capsys.readouterr().err
+    config = tmp_path / "serve.toml"
+    config.write_text('[service]\nmax_connections = 5\n[[listener]]\nlisten = "unix:/run/in.sock"\n'
+                      'destination = "restore:sim"\n')
+    assert main(["serve", "--config", str(config), "--listen", "[::1]:7000", "--to", "dir:/srv", "--check-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "max_connections=5" in shown and "RestoreTarget()" in shown and "TcpAddress(host='::1', port=7000)" in shown
+    config.write_text("[service\n")
+    assert main(["serve", "--config", str(config)]) == 1
+    assert "serve.toml" in capsys.readouterr().err

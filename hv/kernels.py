@@ -33,9 +33,8 @@ PYTHON_KERNELS = {
 }
 
 
-def _load_cffi() -> dict | None:
-    if os.environ.get("XENSTREAM_KERNELS") == "python":
-        return None
+def load_compiled_kernels() -> dict | None:
+    """The cffi kernels by name, or None when `xenstream.hv._kernels` was not built."""
     try:
         from xenstream.hv._kernels import ffi, lib
     except ImportError:
@@ -165,7 +164,7 @@ def _reraise(index: int, twin, *args) -> None:
     raise AssertionError("kernel and twin disagree")
 
 
-_CFFI = _load_cffi()
+_CFFI = None if os.environ.get("XENSTREAM_KERNELS") == "python" else load_compiled_kernels()
 BACKEND = "cffi" if _CFFI is not None else "python"
 _SELECTED = _CFFI if _CFFI is not None else PYTHON_KERNELS
 
@@ -177,5 +176,5 @@ classify_page_types = _SELECTED["classify_page_types"]
 legacy_to_page_words = _SELECTED["legacy_to_page_words"]
 pack_legacy_words = _SELECTED["pack_legacy_words"]
 
-__all__ = ["BACKEND", "PYTHON_KERNELS", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
+__all__ = ["BACKEND", "PYTHON_KERNELS", "load_compiled_kernels", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
            "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "legacy_to_page_words", "pack_legacy_words"]

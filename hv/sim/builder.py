@@ -28,7 +28,6 @@ import attrs
 from xenstream.hv import abi
 from xenstream.hv.interface import CpuPolicy, TscInfo, VcpuContext, XsaveState
 from xenstream.hv.sim.layout import (
-    DIRECT_MAP_32,
     DIRECT_MAP_64,
     HIGHMEM_PFNS_32,
     LOWMEM_L2_SLOTS_32,

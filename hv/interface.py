@@ -11,7 +11,7 @@ Conventions shared by all implementations:
 * Guest memory comes back as 4096-byte memoryviews straight into the frames (no copies): read-only
   unless `writable=True`. They stay valid while the domain exists.
 * Failures raise `HypervisorError` carrying an errno (`errno.ESRCH` no such domain, `EINVAL` bad
-  argument, `ENOMEM` over the memory limit or out of host frames, `EBUSY` partial populate,
+  argument, `ENOMEM` over the memory limit or out of host frames, `E2BIG` a batch over 1024,
   `EPERM`/`EINVAL` validation refused, `ENOENT` a frame that cannot be mapped).
 """
 
@@ -214,7 +214,9 @@ class Hypervisor(Protocol):
         """Allocate 2**order frames at each gfn (order 0 or 9; for 9 each gfn starts an aligned extent).
 
         PV: returns the new first mfn per extent and sets the M2P. HVM: returns the gfns.
-        All or nothing: ENOMEM over the limit, EBUSY if a gfn is already populated.
+        "Exact": all extents or an error (ENOMEM over the domain's limit or the host's frames; the
+        simulator then allocates nothing, real Xen may keep a prefix). PV Xen does not track which
+        pfns are populated: populating a pfn twice gives it a second frame (the engine must not).
         """
 
     def mmuext_pin(self, domid: int, ops: Sequence[tuple[int, int]]) -> None:

@@ -78,7 +78,11 @@ class ValidationError(HypervisorError):
 
 
 class SimXen:
-    """One simulated host. `capacity_frames` bounds all domains' memory together."""
+    """One simulated host. `capacity_frames` bounds all domains' memory together (lazily committed).
+
+    `calls` counts the batched operations (map_foreign, get_page_types, populate_physmap, mmuext_pin,
+    logdirty_clean, get_vcpu_context) so tests can assert batching (spec 9.4).
+    """
 
     def __init__(self, capacity_frames: int = 1 << 20, seed: int = 0, high_memory: bool = True) -> None:
         try:

@@ -62,6 +62,10 @@ class Aborted(Exception):
     """The service is shutting down and the grace period is over."""
 
 
+class Empty(Exception):
+    """The source closed without sending a byte (a port probe, a health check)."""
+
+
 class SourceReader:
     """Reads from the source with an idle timeout, an optional deadline, and a minimum-rate guard.
 
@@ -166,6 +170,8 @@ class Connection:
             fields = {"error": str(exc)}
         except Aborted:
             result = "aborted"
+        except Empty:
+            result = "empty"
         except Exception as exc:  # our bug: confined to this stream, reported in full
             result = "internal_error"
             fields = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
@@ -191,6 +197,8 @@ class Connection:
             got = source.read_into(buffer, deadline, "stream header")
             self._count_in(got)
             head += buffer[:got]
+            if not got and not head:
+                raise Empty()
             kind = classify(head, at_eof=not got)
         conversion = self.conversion = self._conversions[kind](self.listener, self._config)
         self._log.debug("detected", kind=kind)
@@ -273,12 +281,14 @@ class Connection:
         metrics.add("xenstream_pages_total", pages, listener=name)
         metrics.add("xenstream_streams_total", variant=variant, result=result)
         metrics.observe_duration(seconds, listener=name)
-        if result != "ok":
+        if result not in ("ok", "empty"):
             metrics.add("xenstream_connections_failed_total", listener=name, reason=result)
         summary = dict(variant=variant, bytes_in=self.bytes_in, bytes_out=self.bytes_out, pages=pages,
                        duration=round(seconds, 6), result=result)
         if result == "ok":
             self._log.info("stream done", destination=self.destination, **summary)
+        elif result == "empty":
+            self._log.info("closed without data", **summary)
         elif result == "internal_error":
             self._log.error("stream failed", **summary, **fields)
         else:

@@ -321,6 +321,16 @@ def test_slow_loris_source_is_dropped(rig):
     _assert_healthy(service, sinks)
 
 
+def test_connection_closed_without_data_is_no_failure(rig):
+    service, sinks, _ = rig
+    before = _last_conn(service)
+    connect(service.addresses["tcp"]).close()
+    conn = service.wait_log(lambda e: e.get("event") == "accepted" and e["conn"] > before)["conn"]
+    entry = service.wait_log(lambda e: e.get("conn") == conn and e.get("event") == "closed without data")
+    assert entry["result"] == "empty" and entry["level"] == "info"
+    _assert_healthy(service, sinks)
+
+
 def test_silent_source_times_out_before_its_header(rig):
     service, sinks, _ = rig
     with connect(service.addresses["tcp"]) as sock:

@@ -67,11 +67,10 @@ SAMPLES = (
             checkpoints=3, compression=True),
     _sample("pv64-tmem", "tmem: TMEM before the first batch, TMEM_EXTRA before TSC_INFO (live)", PV, tmem=True,
             live_iterations=2),
+    _sample("pv64-xend", "xend `xm save`: LinuxGuestRecord header, no TOOLSTACK", PV, wrapper="xend",
+            toolstack=False),
     _sample("pv64-libvirt", "libvirt libxl driver save: libvirt-xml header (version 1) before the v1 stream",
             PV, wrapper="libvirt"),
-    _sample("pv32-xen40", "as a Xen 4.0 saver wrote it: no \"xcnt\", 32-byte extended contexts with "
-            "leftover filler, no LAST_CHECKPOINT (the stream ends at end of input), no TOOLSTACK", PV,
-            guest_width=32, xen_version=(4, 0), xsave=False, toolstack=False),
     _sample("hvm64", "HVM parameter chunks, libxl DeviceModelRecord0002", HVM),
     _sample("hvm32-tools32", "HVM parameter chunks, DeviceModelRecord0002", HVM, width=32),
     _sample("hvm64-qemu-record", "xend-style QemuDeviceModelRecord (no length, runs to end of input), "
@@ -92,9 +91,6 @@ SAMPLES = (
             physmap=(VGA, ROM)),
     _sample("hvm64-physmap-noname", "libxl TOOLSTACK with a physmap entry without name (namelen 0)", HVM,
             physmap=(VGA, NAMELESS)),
-    _sample("hvm64-xen40-tmem", "Xen 4.0 / libxl 4.0: tmem format version 0 (8-byte object ids), "
-            "only the -3/-4 parameter chunks, no LAST_CHECKPOINT, QemuDeviceModelRecord", HVM,
-            xen_version=(4, 0), toolstack=False, tmem=True, device_model="QemuDeviceModelRecord"),
     _sample("hvm64-x87", "Xen 4.5.4+ HVM_X87_FIP_WIDTH chunk (-21)", HVM, x87_fip_width=4),
 )
 
@@ -133,7 +129,6 @@ CONVERTER_NOTES = [
     "Asserted by `tests/interop/test_legacy_samples_xen.py` (run with `-w <width> -g <pv|hvm>`; outputs",
     "checked with Xen's `verify-stream-v2`). Accepted and verified, `-f libxc` and `-f libxl`: `pv64`,",
     "`pv32-tools32`, `pv32-on-tools64`, `pv64-on-tools32`, `pv64-live`, `pv64-verify`, `pv64-broken-noxsave`,",
-    "`pv32-xen40`,",
     "`hvm64`, `hvm32-tools32`, `hvm64-x87` excepted (below). `pv64-remus` is accepted but only checkpoint 1",
     "is converted: the rest of the input is silently ignored.",
     "",
@@ -143,11 +138,11 @@ CONVERTER_NOTES = [
     "  (it compares the bytes read with a str magic); without `-x` the header is taken as `p2m_size`. The",
     "  same streams with the header cut off (as xl does before calling the converter) are accepted.",
     "- `pv64-remus-compressed`, `hvm64-remus-compressed`: ENABLE_COMPRESSION raises \"todo\" (exit 2).",
-    "- `pv64-tmem`, `hvm64-xen40-tmem`: TMEM raises \"todo\" (exit 2).",
+    "- `pv64-tmem`: TMEM raises \"todo\" (exit 2).",
     "- `hvm64-x87`: \"Unrecognised chunk -21\" (exit 1).",
     "- `hvm64-qemu-record`, `hvm64-remus-dm`: \"Unrecognised Qemu sig\" (exit 2) unless `-f libxc --skip-qemu`,",
     "  which converts them without the device-model state.",
-    "- `pv64-libvirt`, `hvm64-xend`, `hvm64-xenops`: wrappers it does not know (garbage `p2m_size`).",
+    "- `pv64-xend`, `pv64-libvirt`, `hvm64-xend`, `hvm64-xenops`: wrappers it does not know (garbage `p2m_size`).",
     "- `hvm64-physmap-noname`: `-f libxl` fails with \"No physmap info name\"; `-f libxc` drops the blob.",
     "- `hvm64-physmap`, `hvm32-physmap` with `-f libxl`: converted correctly, but Xen's verifier rejects every",
     "  EMULATOR_XENSTORE_DATA record under Python 3 (\"Data not NUL terminated\": it compares an int with a",

@@ -84,7 +84,7 @@ EXPECTED = {
     "pv64-xl": {"libxc": PV_WRAPPED, "libxl": PV_WRAPPED, "libxc+x": NO_XL_HEADER, "libxl+x": NO_XL_HEADER},
     "pv64-xl-migrate": {"libxc": PV_WRAPPED, "libxl": PV_WRAPPED, "libxc+x": NO_XL_HEADER,
                         "libxl+x": NO_XL_HEADER},
-    "pv32-xen40": ALL_OK_PV,
+    "pv64-xend": {"libxc": PV_WRAPPED, "libxl": PV_WRAPPED},
     "pv64-libvirt": {"libxc": PV_WRAPPED, "libxl": PV_WRAPPED},
     "hvm64": ALL_OK_HVM,
     "hvm32-tools32": ALL_OK_HVM,
@@ -98,7 +98,6 @@ EXPECTED = {
     "hvm64-physmap": {"libxc": OK, "libxl": VERIFIER_PY3_BUG, "libxc+skip-qemu": OK},
     "hvm32-physmap": {"libxc": OK, "libxl": VERIFIER_PY3_BUG, "libxc+skip-qemu": OK},
     "hvm64-physmap-noname": {"libxc": OK, "libxl": Outcome(1, "No physmap info name"), "libxc+skip-qemu": OK},
-    "hvm64-xen40-tmem": {"libxc": TODO, "libxl": TODO, "libxc+skip-qemu": TODO},
     "hvm64-x87": {mode: Outcome(1, "Unrecognised chunk -21") for mode in ("libxc", "libxl", "libxc+skip-qemu")},
 }
 

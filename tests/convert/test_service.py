@@ -105,7 +105,7 @@ def rig(tmp_path_factory):
 
 
 def _last_conn(service: ServiceProcess) -> int:
-    return max(e["conn"] for e in service.logs() if e.get("event") == "accepted")
+    return max((e["conn"] for e in service.logs() if e.get("event") == "accepted"), default=0)
 
 
 def _assert_healthy(service: ServiceProcess, sinks) -> None:

@@ -70,6 +70,16 @@ class RestoreResult:
     pages_populated: int
 
 
+@attrs.frozen
+class _Pending:
+    pfns: tuple | list
+    types: tuple | list
+    frames: list
+
+
+_NO_PENDING = _Pending((), (), [])
+
+
 @attrs.define
 class _VcpuState:
     basic: bytes | None = None
@@ -123,7 +133,8 @@ class PvRestorer:
         self._vcpus = [_VcpuState() for _ in range(info.max_vcpu_id + 1)]
         self._verify = False
         self._tables: TranslationTables | None = None
-        self._pending: list[tuple[int, int, memoryview]] = []  # (pfn, type, guest frame) awaiting payload
+        # The data pages of the current PAGE_DATA awaiting their payload: parallel pfns, types, guest frames.
+        self._pending = _Pending((), (), [])
         self._pending_next = 0
         self._scratch: memoryview | None = None
         self._page_record_offset = 0
@@ -194,7 +205,7 @@ class PvRestorer:
     def close(self) -> None:
         """Drop the translation tables and guest mappings now (their native views pin buffers)."""
         self._tables = None
-        self._pending = []
+        self._pending = _NO_PENDING
 
     def _call(self, what: str, call, *args):
         try:
@@ -311,7 +322,7 @@ class PvRestorer:
             data = [(p, t) for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]
             data_pfns, data_types = [p for p, _ in data], [t for _, t in data]
             mfns = [self._p2m[p] for p in data_pfns]
-        self._pending = []
+        self._pending = _NO_PENDING
         self._pending_next = 0
         if not data_pfns:
             return
@@ -319,10 +330,10 @@ class PvRestorer:
         if None in frames:
             bad = frames.index(None)
             raise _Fail(f"cannot map pfn {data_pfns[bad]:#x} (mfn {mfns[bad]:#x}) writable")
-        self._pending = list(zip(data_pfns, data_types, frames))
+        self._pending = _Pending(data_pfns, data_types, frames)
 
     def _pending_remaining(self) -> int:
-        return len(self._pending) - self._pending_next
+        return len(self._pending.frames) - self._pending_next
 
     def _page_payload(self, event: PagePayload) -> None:
         """Views mode: whole pages of the pending PAGE_DATA payload, in the reader's buffer."""
@@ -368,16 +379,20 @@ class PvRestorer:
         """Where pending pages first..first+count-1 are received: the guest frame itself for a plain page,
         a scratch page for a pagetable (localised before it goes in) and for every page in verify mode.
         Returns (targets, scratch) with scratch entries (index in batch, pfn, level, scratch slot)."""
-        batch = self._pending[first:first + count]
-        verify = self._verify
-        scratch = [(k, pfn, t & 0x7 if t in _TABLE_TYPES else 0) for k, (pfn, t, _) in enumerate(batch)
-                   if verify or t in _TABLE_TYPES]
-        buffer = memoryview(bytearray(len(scratch) << 12))
-        targets = [frame for _, _, frame in batch]
+        pending, end = self._pending, first + count
+        targets = pending.frames[first:end]
+        types = pending.types[first:end]
+        if self._verify:
+            chosen = range(count)
+        elif _TABLE_TYPES.isdisjoint(types):
+            chosen = ()
+        else:
+            chosen = [k for k, t in enumerate(types) if t in _TABLE_TYPES]
+        buffer = memoryview(bytearray(len(chosen) << 12))
         entries = []
-        for n, (k, pfn, level) in enumerate(scratch):
+        for n, k in enumerate(chosen):
             targets[k] = buffer[n << 12:(n + 1) << 12]
-            entries.append((k, pfn, level, n))
+            entries.append((k, pending.pfns[first + k], types[k] & 0x7 if types[k] in _TABLE_TYPES else 0, n))
         self._scratch = buffer
         return targets, entries
 
@@ -387,7 +402,7 @@ class PvRestorer:
         Errors carry the offset of the PAGE_DATA record the pages belong to.
         """
         offset = self._page_record_offset
-        batch = self._pending[first:first + count]
+        frames = self._pending.frames
         buffer = self._scratch
         tables = [(n, pfn, level) for _, pfn, level, n in scratch if level]
         try:
@@ -396,7 +411,7 @@ class PvRestorer:
         except _Fail as exc:
             raise MalformedStream(f"PAGE_DATA: {exc}", offset) from None
         for k, pfn, _, n in scratch:
-            page, frame = buffer[n << 12:(n + 1) << 12], batch[k][2]
+            page, frame = buffer[n << 12:(n + 1) << 12], frames[first + k]
             if not self._verify:
                 frame[:] = page
             elif page != frame:
@@ -406,8 +421,8 @@ class PvRestorer:
             self.pages_written += count
         self._scratch = None
         self._pending_next = first + count
-        if self._pending_next == len(self._pending):
-            self._pending = []
+        if self._pending_next == len(frames):
+            self._pending = _NO_PENDING
             self._pending_next = 0
 
     def _localise(self, buffer: memoryview, tables: list[tuple[int, int, int]]) -> None:
@@ -431,7 +446,7 @@ class PvRestorer:
                 raise _Fail(f"L{level} pagetable at pfn {pfn:#x}, {failure[1]}")
             if not count:
                 break
-            self._populate(sorted(set(missing[:count])))
+            self._populate_sorted(sorted(set(missing[:count])))
         for i, (slot, _, _) in enumerate(tables):
             buffer[slot << 12:(slot + 1) << 12] = pages[i << 12:(i + 1) << 12]
 
@@ -446,7 +461,7 @@ class PvRestorer:
         missing = self._p2m[first:first + count].count(INVALID)
         if missing != count:
             if missing:
-                self._populate(list(range(first, first + count)))
+                self._populate_sorted(range(first, first + count))
             return
         extent = abi.SUPERPAGE_FRAMES
         aligned = -(-first // extent) * extent
@@ -465,7 +480,30 @@ class PvRestorer:
             self._p2m[block:block + extent] = array("Q", range(base, base + extent))
             self.pages_populated += extent
         if singles:
-            self._populate(sorted(singles))
+            self._populate_sorted(sorted(singles))
+
+    def _populate_sorted(self, pfns) -> None:
+        """_populate for ascending unique pfns, the same extents without its per-pfn run bookkeeping:
+        in such a list a complete 2 MiB aligned run is exactly an aligned pfn followed 511 places on by
+        its last frame."""
+        p2m = self._p2m
+        todo = [p for p in pfns if p2m[p] == INVALID]
+        extent = abi.SUPERPAGE_FRAMES
+        starts = [i for i in range(len(todo) - extent + 1)
+                  if not todo[i] & (extent - 1) and todo[i + extent - 1] == todo[i] + extent - 1]
+        claimed = bytearray(len(todo))
+        for i in starts:
+            block = todo[i]
+            try:
+                base = self.hv.populate_physmap(self.domid, [block], abi.SUPERPAGE_ORDER)[0]
+            except HypervisorError:
+                continue  # order 0 below picks them up
+            p2m[block:block + extent] = array("Q", range(base, base + extent))
+            claimed[i:i + extent] = b"\1" * extent
+            self.pages_populated += extent
+        rest = [p for p, done in zip(todo, claimed) if not done] if starts else todo
+        if rest:
+            self._populate(rest)
 
     def _populate(self, pfns: list[int]) -> None:
         """Allocate frames for the pfns not populated yet (spec 5.6): 2 MiB extents for complete aligned runs."""

@@ -28,6 +28,10 @@ int64_t xs_pack_page_words(const uint64_t *pfns, const uint32_t *types, size_t n
 int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, uint64_t *pfns,
                              uint32_t *types);
 int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_index, uint8_t *levels);
+int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t max_mfn, const uint16_t *owner,
+                        uint8_t *ptype, uint32_t *tcount, const uint8_t *flags, uint16_t domid,
+                        uint64_t refused, uint8_t writable_type, uint8_t special_flag, uint32_t *taken,
+                        int64_t *taken_count);
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out);
 int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
                              unsigned entry_size);
@@ -225,6 +229,46 @@ int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_i
         levels[count] = (uint8_t)(level >= 1 && level <= 4 ? level : 0);
         count++;
     }
+    return count;
+}
+
+/* The simulator's L1 validation (twin: xenstream.hv.sim.l1refs). */
+int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t max_mfn, const uint16_t *owner,
+                        uint8_t *ptype, uint32_t *tcount, const uint8_t *flags, uint16_t domid,
+                        uint64_t refused, uint8_t writable_type, uint8_t special_flag, uint32_t *taken,
+                        int64_t *taken_count)
+{
+    int64_t count = 0;
+    for (int64_t i = 0; i < 512; i++) {
+        uint64_t pte = load64(page + i * 8);
+        int reason = 0;
+        if (!(pte & PRESENT))
+            continue;
+        if (pte & refused) {
+            reason = 1;
+        } else {
+            uint64_t mfn = (pte & FRAME_MASK) >> 12;
+            uint32_t extent = mfn < max_mfn ? ext_of[mfn >> 9] : 0;
+            uint64_t child = ((uint64_t)(extent - 1) << 9) | (mfn & 511);
+            if (!extent || owner[child] != domid) {
+                reason = 2;
+            } else if ((pte & 2) && !(flags[child] & special_flag)) {
+                uint32_t references = tcount[child];
+                if (references && ptype[child] != writable_type) {
+                    reason = 3;
+                } else {
+                    ptype[child] = writable_type;
+                    tcount[child] = references + 1;
+                    taken[count++] = (uint32_t)child;
+                }
+            }
+        }
+        if (reason) {
+            *taken_count = count;
+            return -(1 + ((i << 2) | reason));
+        }
+    }
+    *taken_count = count;
     return count;
 }
 

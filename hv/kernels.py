@@ -21,6 +21,7 @@ from array import array
 
 from xenstream.hv import pagetables
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
+from xenstream.hv.sim import l1refs
 
 PYTHON_KERNELS = {
     "normalise_pages": pagetables.python_normalise_pages,
@@ -28,6 +29,7 @@ PYTHON_KERNELS = {
     "pack_page_words": pagetables.python_pack_page_words,
     "unpack_page_words": pagetables.python_unpack_page_words,
     "classify_page_types": pagetables.python_classify_page_types,
+    "take_l1_refs": l1refs.python_take_l1_refs,
     "legacy_to_page_words": pagetables.python_legacy_to_page_words,
     "pack_legacy_words": pagetables.python_pack_legacy_words,
 }
@@ -118,6 +120,18 @@ def load_compiled_kernels() -> dict | None:
             _reraise(-1 - result, pagetables.python_classify_page_types, codes[-1 - result:-result], [0], [0])
         return result
 
+    def take_l1_refs(page, ext_of, max_mfn, owner, ptype, tcount, flags, domid, refused, writable_type,
+                     special_flag, taken, taken_count) -> int:
+        out = ffi.new("int64_t *")
+        result = lib.xs_take_l1_refs(
+            ffi.from_buffer("uint8_t[]", page), ffi.from_buffer("uint32_t[]", ext_of), max_mfn,
+            ffi.from_buffer("uint16_t[]", owner), ffi.from_buffer("uint8_t[]", ptype, require_writable=True),
+            ffi.from_buffer("uint32_t[]", tcount, require_writable=True), ffi.from_buffer("uint8_t[]", flags),
+            domid, refused & 0xFFFF_FFFF_FFFF_FFFF, writable_type, special_flag,
+            ffi.from_buffer("uint32_t[]", taken, require_writable=True), out)
+        taken_count[0] = out[0]
+        return result
+
     def legacy_to_page_words(legacy, out) -> int:
         if not isinstance(legacy, array) or legacy.typecode not in ("I", "L", "Q"):
             legacy = array("Q", legacy)
@@ -143,6 +157,7 @@ def load_compiled_kernels() -> dict | None:
         "pack_page_words": pack_page_words,
         "unpack_page_words": unpack_page_words,
         "classify_page_types": classify_page_types,
+        "take_l1_refs": take_l1_refs,
         "legacy_to_page_words": legacy_to_page_words,
         "pack_legacy_words": pack_legacy_words,
     }
@@ -173,8 +188,9 @@ localise_pages = _SELECTED["localise_pages"]
 pack_page_words = _SELECTED["pack_page_words"]
 unpack_page_words = _SELECTED["unpack_page_words"]
 classify_page_types = _SELECTED["classify_page_types"]
+take_l1_refs = _SELECTED["take_l1_refs"]  # the simulator's L1 validation (xenstream.hv.sim.l1refs)
 legacy_to_page_words = _SELECTED["legacy_to_page_words"]
 pack_legacy_words = _SELECTED["pack_legacy_words"]
 
 __all__ = ["BACKEND", "PYTHON_KERNELS", "load_compiled_kernels", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
-           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "legacy_to_page_words", "pack_legacy_words"]
+           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "legacy_to_page_words", "pack_legacy_words"]

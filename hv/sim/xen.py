@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from xenstream.hv import abi
+from xenstream.hv import abi, kernels
 from xenstream.hv.interface import (
     CpuPolicy,
     DomainInfo,
@@ -32,6 +32,7 @@ from xenstream.hv.interface import (
     XenVersion,
     XsaveState,
 )
+from xenstream.hv.sim import l1refs
 from xenstream.hv.sim.domain import Domain, Vcpu, blank_vcpu_context
 from xenstream.hv.sim.machine import (
     FLAG_BROKEN,
@@ -69,6 +70,9 @@ _PAE_L3_ALLOWED = _UPPER_ALLOWED & ~(abi.PTE_NX | (0x7FF << 52))
 _NOT_ALLOWED = {TYPE_L1: ~_L1_ALLOWED, TYPE_L2: ~_UPPER_ALLOWED, TYPE_PAE_XEN_L2: ~_UPPER_ALLOWED,
                 TYPE_L3: ~_UPPER_ALLOWED, TYPE_L4: ~_UPPER_ALLOWED}
 _PFINFO_LEVEL = {t: lvl << abi.PFINFO_LTAB_SHIFT for t, lvl in TYPE_LEVEL.items()}
+_L1_FAILURES = {l1refs.L1_REFUSED_FLAGS: "sets disallowed flags",
+                l1refs.L1_NOT_OWNED: "maps a frame the domain does not own",
+                l1refs.L1_WRITABLE_TYPED: "maps a pagetable or descriptor page writable"}
 DEFAULT_TSC = TscInfo(mode=0, khz=2_400_000, nsec=0, incarnation=0)
 
 
@@ -651,27 +655,16 @@ class SimXen:
 
     def _validate_l1(self, dom: Domain, entries: memoryview, taken: list[int]) -> None:
         machine = self.machine
-        ext_of, owner, ptype, tcount, flags = (machine.slot_extent_of, machine.owner, machine.ptype,
-                                               machine.tcount, machine.flags)
-        max_mfn, domid = machine.max_mfn, dom.domid
-        refused = _NOT_ALLOWED[TYPE_L1]
-        for index, pte in enumerate(entries):
-            if not pte & 1:
-                continue
-            if pte & refused:
-                raise ValidationError(f"L1 entry {index} ({pte:#x}) sets disallowed flags")
-            mfn = (pte & _FRAME) >> 12
-            extent = ext_of[mfn >> 9] if mfn < max_mfn else 0
-            child = ((extent - 1) << 9) | (mfn & 511) if extent else -1
-            if child < 0 or owner[child] != domid:
-                raise ValidationError(f"L1 entry {index} maps mfn {mfn:#x} the domain does not own")
-            if pte & abi.PTE_RW and not flags[child] & FLAG_SPECIAL:
-                count = tcount[child]
-                if count and ptype[child] != TYPE_WRITABLE:
-                    raise ValidationError(f"L1 entry {index} maps typed mfn {mfn:#x} writable")
-                ptype[child] = TYPE_WRITABLE
-                tcount[child] = count + 1
-                taken.append(child)
+        slots = array("I", bytes(4 * abi.PTES_PER_PAGE))
+        count = [0]
+        result = kernels.take_l1_refs(entries, machine.slot_extent_of, machine.max_mfn, machine.owner,
+                                      machine.ptype, machine.tcount, machine.flags, dom.domid,
+                                      _NOT_ALLOWED[TYPE_L1], TYPE_WRITABLE, FLAG_SPECIAL, slots, count)
+        taken.extend(slots[:count[0]])
+        if result < 0:
+            index, reason = l1refs.decode_failure(result)
+            pte = entries[index]
+            raise ValidationError(f"L1 entry {index} ({pte:#x}): {_L1_FAILURES[reason]}")
 
     def _validate_upper(self, dom: Domain, slot: int, table_type: int, entries: memoryview,
                         taken: list[int]) -> None:

@@ -271,3 +271,34 @@ def test_normalise_reports_foreign_frames_and_superpages():
     tables.levels = 3
     assert kernels.normalise_pages(tables, bytearray(4096), b"\x04", bad) == 1
     assert bad[0] == pagetables.NORMALISE_BAD_LEVEL
+
+
+@needs_cffi
+@SETTINGS
+@given(st.integers(0, 2**32), st.sampled_from([0.0, 0.01, 0.3]))
+def test_l1_validation_kernel_matches_twin(seed, bad_rate):
+    from xenstream.hv.sim import l1refs
+
+    rng = random.Random(seed)
+    slots = 2048
+    ext_of = array("I", [0]) * 64
+    for extent, machine_extent in enumerate(rng.sample(range(1, 64), slots // 512)):
+        ext_of[machine_extent] = extent + 1
+    mfns = [(e << 9) | k for e in range(64) if ext_of[e] for k in range(512)]
+    owner = array("H", [rng.choice([1, 1, 1, 2]) for _ in range(slots)])
+    ptype = bytearray(rng.choice([0, 0, 6, 6, 1, 7]) for _ in range(slots))
+    tcount = array("I", [rng.choice([0, 0, 1, 3]) for _ in range(slots)])
+    flags = bytearray(rng.choice([0, 0, 0, 8]) for _ in range(slots))
+    entries = []
+    for _ in range(512):
+        frame = rng.randrange(64 << 9) if rng.random() < bad_rate else rng.choice(mfns)
+        flag_bits = rng.choice([0, 1, 3, 3, 0x63, 0x163]) | (0x80 if rng.random() < bad_rate / 4 else 0)
+        entries.append((frame << 12) | flag_bits)
+    page = array("Q", entries).tobytes()
+    refused = ~(0x1FF | 0xE00 | abi.PTE_FRAME_MASK) & ((1 << 64) - 1)
+    results = []
+    for impl in (PY["take_l1_refs"], CFFI["take_l1_refs"]):
+        state = (bytearray(ptype), array("I", tcount), array("I", bytes(4 * 512)), [0])
+        result = impl(page, ext_of, 64 << 9, owner, state[0], state[1], flags, 1, refused, 6, 8, state[2], state[3])
+        results.append((result, bytes(state[0]), state[1].tobytes(), state[2][:state[3][0]].tobytes(), state[3][0]))
+    assert results[0] == results[1]

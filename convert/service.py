@@ -33,6 +33,7 @@ from xenstream.convert.service_restore import SimulatedHost
 from xenstream.convert.service_stream import CONVERSIONS
 
 ABORT_JOIN_SECONDS = 5.0
+HURRY_POLL_SECONDS = 0.25  # how soon a second SIGTERM during the grace period takes effect
 BACKLOG = 128
 
 log = structlog.get_logger("xenstream.serve")
@@ -107,6 +108,7 @@ class Service:
         self._changed = threading.Condition(self._lock)
         self._next_ident = 1
         self._stopping = False
+        self._hurry = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.addresses: dict[str, str] = {}  # listener name -> bound address ("metrics" too)
         self._restore_hosts = {listener.name: SimulatedHost(config.restore_frames)
@@ -141,7 +143,10 @@ class Service:
             raise
 
     def request_stop(self) -> None:
-        """Begin a graceful shutdown. Safe to call from a signal handler."""
+        """Begin a graceful shutdown; asked again during it, cut the grace period short.
+        Safe to call from a signal handler."""
+        if self._stopping:
+            self._hurry = True
         self._stopping = True
         try:
             os.write(self._wake_write, b"\0")
@@ -173,20 +178,21 @@ class Service:
             log.warning("grace period over, aborting streams", streams=len(late))
             for connection in late:
                 connection.abort()
-            self._wait_idle(time.monotonic() + ABORT_JOIN_SECONDS)
+            self._wait_idle(time.monotonic() + ABORT_JOIN_SECONDS, hurry_ends_it=False)
         if self._metrics_server is not None:
             self._metrics_server.stop()
         os.close(self._wake_read)
         os.close(self._wake_write)
         log.info("stopped")
 
-    def _wait_idle(self, deadline: float) -> bool:
+    def _wait_idle(self, deadline: float, hurry_ends_it: bool = True) -> bool:
+        """Wait for every stream to end, until `deadline` (or a second stop request, when it counts)."""
         with self._changed:
             while self._connections:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (hurry_ends_it and self._hurry):
                     return False
-                self._changed.wait(remaining)
+                self._changed.wait(min(remaining, HURRY_POLL_SECONDS))
         return True
 
     def _close_listeners(self) -> None:

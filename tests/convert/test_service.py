@@ -394,14 +394,15 @@ def test_metrics_count_streams_bytes_and_failures(rig):
 # ------------------------------------------------------------------------------------------ own instances
 
 
-def _small_service(tmp_path, sink: SinkServer, listen: str = "127.0.0.1:0", **service_settings) -> ServiceProcess:
+def _small_service(tmp_path, sink: SinkServer, listen: str = "127.0.0.1:0", grace: float = 1.5,
+                   **service_settings) -> ServiceProcess:
     settings = "\n".join(f"{key} = {value}" for key, value in service_settings.items())
     config = f"""
 [service]
 {settings}
 
 [timeouts]
-shutdown_grace = 1.5
+shutdown_grace = {grace}
 idle = 10
 
 [[listener]]
@@ -485,6 +486,27 @@ def test_sigterm_lets_streams_finish_then_aborts_the_late_ones(tmp_path):
         _assert_truncated_prefix(sink.next_stream(), late)
         results = {e["conn"]: e["result"] for e in service.results()}
         assert results == {1: "ok", 2: "aborted"}
+    finally:
+        service.kill()
+        sink.close()
+
+
+def test_second_sigterm_cuts_the_grace_period_short(tmp_path):
+    sink = SinkServer()
+    service = _small_service(tmp_path, sink, grace=8)
+    try:
+        data = v2_stream(pages=64, seed=16)
+        with connect(service.addresses["tcp"]) as stuck:
+            stuck.sendall(data[:5000])
+            service.wait_log(lambda e: e.get("event") == "accepted")
+            service.proc.send_signal(15)
+            service.wait_log(lambda e: e.get("event") == "stopping")
+            started = time.monotonic()
+            service.proc.send_signal(15)
+            assert service.proc.wait(10) == 0
+            assert time.monotonic() - started < 5  # well before the 8 s grace period ends
+        _assert_truncated_prefix(sink.next_stream(), data)
+        assert [e["result"] for e in service.results()] == ["aborted"]
     finally:
         service.kill()
         sink.close()

@@ -80,7 +80,7 @@ def run(args) -> int:
                        f"p2m_size {result.p2m_size:#x}, {result.pages_written} pages")
         else:
             writer = V2Writer(fd)
-            result = save_pv(xen, guest.domid, writer, suspend_callback(guest))
+            result = save_pv(xen, guest.domid, writer, suspend_callback(guest), payload_fd=fd)
             summary = (f"saved {spec} as a v2 stream: max_pfn {result.max_pfn:#x}, {result.pages_written} pages, "
                        f"{result.records} records, {result.bytes_written} bytes")
         done = True

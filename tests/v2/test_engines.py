@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 
 import pytest
@@ -253,3 +254,22 @@ def test_ballooned_pfns_travel_as_xtab_and_stay_unpopulated():
     assert result.pages_populated == spec.nr_pages - len(ballooned)
     es.assert_same_guest(digest, es.restored_digest(xen2, result), es.exempt_pfns(guest))
     es.assert_guest_p2m(xen2, result, guest.layout)
+
+
+def test_direct_payload_writes_give_the_same_stream(tmp_path):
+    """payload_fd: pages written with writev from guest memory; byte-identical to the writer path."""
+    spec = GuestSpec.parse("pv32:mem=5M,vcpus=2,seed=42")
+    streams = []
+    for direct in (False, True):
+        xen = es.new_host(spec)
+        built = build_guest(xen, spec)
+        guest = PvGuest(xen, built.domid, built.layout)
+        path = tmp_path / f"direct-{direct}.v2"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            result = save_pv(xen, guest.domid, V2Writer(fd), es.suspend_of(guest), payload_fd=fd if direct else None)
+        finally:
+            os.close(fd)
+        assert result.bytes_written == path.stat().st_size
+        streams.append(path.read_bytes())
+    assert streams[0] == streams[1]

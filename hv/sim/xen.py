@@ -149,6 +149,15 @@ class SimXen:
         dom.vcpus[0].context = VcpuContext.unpack(bytes(blob), dom.width)
         dom.shutdown = False
 
+    def poke_frame(self, mfn: int) -> memoryview:
+        """Writable view of any frame, bypassing Xen's type checks and log-dirty: for negative tests
+        that need states real Xen would refuse to create (a PSE entry in a validated L2, ...)."""
+        return self.machine.frame(mfn)
+
+    def poke_vcpu_context(self, domid: int, vcpu: int, context: VcpuContext) -> None:
+        """Replace a vcpu's context without validation or type references (negative tests only)."""
+        self._vcpu(domid, vcpu).context = context
+
     def frame_owner(self, mfn: int) -> int:
         slot = self.machine.slot_of(mfn)
         return OWNER_FREE if slot < 0 else self.machine.owner[slot]

@@ -445,3 +445,16 @@ def test_pae_l3_entries_take_no_nx(host):
         host.mmuext_pin(d, [(3, l3)])
     _write(host, d, l3, {3: (l2 << 12) | abi.PTE_PRESENT | abi.PTE_RW})
     host.mmuext_pin(d, [(3, l3)])
+
+
+def test_pokes_bypass_xen_checks(host):
+    g = _guest(host)
+    d = g.domid
+    l2 = next(g.p2m(t.pfn) for t in g.layout.tables if t.level == 2)
+    entries = host.poke_frame(l2).cast("Q")
+    first = next(i for i in range(512) if entries[i] & abi.PTE_PRESENT)
+    entries[first] |= abi.PTE_PSE  # impossible through mmu_update
+    assert list(host.get_page_types(d, [l2])) == [abi.PAGETYPE_L2TAB << 28]
+    bad = attrs.evolve(host.get_vcpu_context(d, 0), cr3=abi.cr3_from_mfn(g.p2m(g.layout.nr_pages - 1), 8))
+    host.poke_vcpu_context(d, 0, bad)
+    assert host.get_vcpu_context(d, 0) == bad

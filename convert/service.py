@@ -26,7 +26,7 @@ import time
 
 import structlog
 
-from xenstream.convert.service_config import RestoreTarget, ServiceConfig, TcpAddress, UnixAddress
+from xenstream.convert.service_config import DirectoryTarget, RestoreTarget, ServiceConfig, TcpAddress, UnixAddress
 from xenstream.convert.service_connection import Connection
 from xenstream.convert.service_metrics import Metrics, MetricsServer
 from xenstream.convert.service_restore import SimulatedHost
@@ -117,6 +117,11 @@ class Service:
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def bind(self) -> None:
+        for listener in self.config.listeners:
+            target = listener.destination
+            if isinstance(target, DirectoryTarget) and not (os.path.isdir(target.path) and
+                                                           os.access(target.path, os.W_OK | os.X_OK)):
+                raise OSError(errno.ENOENT, f"listener {listener.name}: {target.path} is not a writable directory")
         try:
             for listener in self.config.listeners:
                 if isinstance(listener.listen, UnixAddress):

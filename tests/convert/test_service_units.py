@@ -294,3 +294,5 @@ def test_serve_command_line_checks_its_configuration(capsys, tmp_path):
     config.write_text("[service\n")
     assert main(["serve", "--config", str(config)]) == 1
     assert "serve.toml" in capsys.readouterr().err
+    assert main(["serve", "--listen", "0", "--to", f"dir:{tmp_path}/missing"]) == 1
+    assert "not a writable directory" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The strict verifier: a state machine fed with V2Reader events, independent of any I/O.
+"""The strict verifier: a state machine fed with a strict V2Reader's events, independent of any I/O.
 
     verifier = Verifier(fmt="auto")
     for event in events:                 # from V2Reader (views or passthrough mode)
@@ -68,6 +68,7 @@ class Verifier:
     next_index: dict = attrs.field(init=False, factory=lambda: {"libxc": 0, "libxl": 0})
     finished: bool = attrs.field(init=False, default=False)
     last_record: tuple = attrs.field(init=False, default=(None, None, None, None))  # offset, layer, index, name
+    ended: bool = attrs.field(init=False, default=False)  # EndOfStream seen
 
     def __attrs_post_init__(self):
         if self.fmt not in FORMATS:
@@ -104,6 +105,9 @@ class Verifier:
         """The verdict. `trailing_bytes`: input seen after the outermost END (`offset`: where it began)."""
         if not self.finished:
             self.finished = True
+            if not self.ended and not self.report.broken:
+                self.report.add(Finding(ERROR, offset, self.layer, None, "end of input",
+                                        "the verifier was not shown the end of the stream"))
             if trailing_bytes and not self.report.broken:
                 self.report.add(Finding(ERROR, offset, self.layer, None, "end of input",
                                         f"{trailing_bytes} bytes after the end of the stream"))
@@ -158,6 +162,7 @@ class Verifier:
         pass  # page contents carry nothing the rules look at
 
     def _end_of_stream(self, event: EndOfStream) -> None:
+        self.ended = True
         self.report.bytes_read = event.offset
         if not event.complete:  # input ended cleanly at a checkpoint boundary
             if self.libxc.checkpointed is False:

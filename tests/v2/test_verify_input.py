@@ -227,3 +227,13 @@ def test_hvm_stream_with_pfns_anywhere_is_fine():
     report = verify_bytes(libxc([empty(0x10), page_data([(1 << 40, NOTAB)])] + [rec(TSC_INFO, bytes(24)),
                                                                                rec(9, b"ctx")], gtype=2))
     assert report.ok and not report.warnings, report.lines()
+
+
+def test_verifier_not_shown_the_end_says_so():
+    reader = V2Reader()
+    reader.feed(PV[:5000])  # a driver that stops feeding half-way
+    verifier = Verifier()
+    while (event := reader.next_event()) is not NEED_DATA:
+        verifier.feed_event(event)
+    (finding,) = verifier.finish().errors
+    assert "not shown the end of the stream" in finding.message

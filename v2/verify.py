@@ -125,17 +125,22 @@ class Verifier:
                 self.report.add(Finding(ERROR, event.offset, layer, None, "header",
                                         f"a {layer} stream where a {self.fmt} stream was expected"))
         self.layer = layer
-        if isinstance(header, XlHeader):
-            check_xl_header(event.offset, header, self._reporter("xl"))
-        elif isinstance(header, LibxlHeader):
-            self.libxl.header(event.offset, header)
-        elif isinstance(header, ImageHeader):
-            self.report.version = header.version
-            self.libxc.image_header(event.offset, header)
-        else:
-            self.report.guest_type = GUEST_NAMES.get(header.guest_type)
-            self.libxc.domain_header(event.offset, header)
-            self.libxl.guest = header.guest_type
+        self._HEADERS[type(header)](self, event.offset, header)
+
+    def _xl_header(self, offset: int, header: XlHeader) -> None:
+        check_xl_header(offset, header, self._reporter("xl"))
+
+    def _libxl_header(self, offset: int, header: LibxlHeader) -> None:
+        self.libxl.header(offset, header)
+
+    def _image_header(self, offset: int, header: ImageHeader) -> None:
+        self.report.version = header.version
+        self.libxc.image_header(offset, header)
+
+    def _domain_header(self, offset: int, header: DomainHeader) -> None:
+        self.report.guest_type = GUEST_NAMES.get(header.guest_type)
+        self.libxc.domain_header(offset, header)
+        self.libxl.guest = header.guest_type
 
     def _libxc_record(self, event: LibxcRecord) -> None:
         self._count("libxc", event.index)
@@ -169,6 +174,7 @@ class Verifier:
                 self.report.add(Finding(ERROR, event.offset, self.layer, None, "end of input",
                                         "input ends after a checkpoint, without END, in a stream that is not checkpointed"))
 
+    _HEADERS = {XlHeader: _xl_header, LibxlHeader: _libxl_header, ImageHeader: _image_header, DomainHeader: _domain_header}
     _DISPATCH = {
         Header: _header,
         LibxcRecord: _libxc_record,

@@ -53,7 +53,7 @@ X86_PV_MAX_VCPUS = 8192
 # p2m frame list entries kept for the type checks (a 4 GiB 64-bit guest has 2048)
 P2M_TRACK_LIMIT = 1 << 20
 
-# vcpu_guest_context field offsets (spec 3.5): start-info pfn (rdx/edx), gdt_frames, gdt_ents, cr3
+# vcpu_guest_context field offsets (spec 3.5): start-info pfn (rdx/edx), gdt_frames, gdt_ents, cr1 (64-bit), cr3
 _CONTEXT_FIELDS = {
     8: {"edx": (616, "<Q"), "gdt_frames": (4832, "<16Q"), "gdt_ents": (4960, "<Q"), "cr1": (4992, "<Q"), "cr3": (5008, "<Q")},
     4: {"edx": (524, "<I"), "gdt_frames": (2640, "<16I"), "gdt_ents": (2704, "<I"), "cr3": (2728, "<I")},
@@ -99,14 +99,13 @@ class Checkpoint:
     shared_info: bool = False
     hvm_context: bool = False
     hvm_params: bool = False
-    pages: bool = False
     vcpu_records: set = attrs.field(factory=set)  # (vcpu_id, type)
     vcpu_state_seen: bool = False
 
 
 @attrs.define
 class LibxcRules:
-    """Feed: image_header, domain_header, then record()/page_data() per record, then end() or eof()."""
+    """Fed image_header(), domain_header(), then record() for each record in stream order."""
 
     report: Report
     checkpointed: bool | None = None  # None: decided by the stream (a CHECKPOINT makes it checkpointed)
@@ -361,7 +360,6 @@ class LibxcRules:
             self._warn(offset, index, name, f"pfn {duplicate:#x} appears more than once in one record")
         if self.current.vcpu_state_seen:
             self._warn(offset, index, name, "memory after vcpu state in the same checkpoint")
-        self.current.pages = True
         self.any_pages = True
 
     # ---- completeness ------------------------------------------------------------------------

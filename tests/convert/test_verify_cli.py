@@ -204,3 +204,12 @@ def test_drop_in_internal_error_exits_2(files, monkeypatch):
 
 def test_drop_in_bad_option_is_a_usage_error():
     assert run(DROP_IN + ["-f", "json"]).returncode == 2
+
+
+def test_drop_in_exits_1_on_toolstack_where_xens_script_exits_2(files):
+    """Spec A16: Xen's script raises DeprecationWarning on TOOLSTACK ("Script Error", exit 2); the stream is
+    invalid, not our bug, so the drop-in exits 1."""
+    from tests.v2.verify_builder import TOOLSTACK, rec as record
+
+    done = run(DROP_IN + ["-i", files("s", pv(record(TOOLSTACK, b"blob")))])
+    assert done.returncode == 1 and b"TOOLSTACK is obsolete" in done.stderr

@@ -298,3 +298,23 @@ def test_findings_name_offset_index_and_record():
     offset = stream.index(struct.pack("<II", VCPU_XSAVE, 16))
     assert (finding.offset, finding.layer, finding.record) == (offset, "libxc", "X86_PV_VCPU_XSAVE")
     assert finding.index == 6  # after X86_PV_INFO, CPUID, MSR, STATIC_DATA_END, P2M_FRAMES, PAGE_DATA
+
+
+def test_where_xens_verifier_is_wrong_we_follow_xens_restore():
+    """Spec section 8. Xen's verify-stream-v2 rejects these streams, Xen's restore code accepts them:
+    A20, a non-empty EMULATOR_XENSTORE_DATA (a bytes/str comparison under Python 3); A13, checkpointed
+    streams (its libxc verifier reads on past CHECKPOINT); A4, an unknown optional record (restore skips it:
+    we warn). tests/interop/test_verify_xen.py shows Xen's script failing on each."""
+    assert verify_bytes(libxl_hvm(xenstore=b"physmap/f0000000/name\0vga\0")).ok
+    assert verify_bytes(libxl_checkpointed_pv(2)).ok
+    assert verify_bytes(ckpt_libxc()).ok
+    optional = verify_bytes(pv(rec(0x80000001, b"x")))
+    assert optional.ok and [w.record for w in optional.warnings] == ["UNKNOWN(0x80000001)"]
+
+
+def test_where_xens_verifier_is_lax_we_follow_xens_restore():
+    """Xen's verifier accepts these; Xen's restore refuses them (spec 6.2), so they are errors here:
+    width/levels pairs other than 4/3 and 8/4 (A6), a big-endian image header (A14), PV records in an HVM stream."""
+    assert not verify_bytes(pv(static=[pv_info(8, 3), SDE])).ok
+    assert not verify_bytes(pv_stream()[:16] + b"\x00\x01" + pv_stream()[18:]).ok
+    assert not verify_bytes(hvm(shared_info())).ok

@@ -32,6 +32,12 @@ int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t ma
                         uint8_t *ptype, uint32_t *tcount, const uint8_t *flags, uint16_t domid,
                         uint64_t refused, uint8_t writable_type, uint8_t special_flag, uint32_t *taken,
                         int64_t *taken_count);
+int64_t xs_frame_slots(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
+                       const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount, uint16_t domid,
+                       int writable, uint8_t writable_type, int64_t *slots);
+void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
+                        const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount,
+                        const uint8_t *flags, uint16_t domid, const uint8_t *type_levels, uint32_t *codes);
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out);
 int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
                              unsigned entry_size);
@@ -232,7 +238,7 @@ int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_i
     return count;
 }
 
-/* The simulator's L1 validation (twin: xenstream.hv.sim.l1refs). */
+/* The simulator's L1 validation (twin: xenstream.hv.sim.hotpaths). */
 int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t max_mfn, const uint16_t *owner,
                         uint8_t *ptype, uint32_t *tcount, const uint8_t *flags, uint16_t domid,
                         uint64_t refused, uint8_t writable_type, uint8_t special_flag, uint32_t *taken,
@@ -270,6 +276,55 @@ int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t ma
     }
     *taken_count = count;
     return count;
+}
+
+static inline int64_t slot_of(const uint32_t *ext_of, uint64_t max_mfn, uint64_t mfn)
+{
+    uint32_t extent = mfn < max_mfn ? ext_of[mfn >> 9] : 0;
+    return extent ? (int64_t)(((uint64_t)(extent - 1) << 9) | (mfn & 511)) : -1;
+}
+
+int64_t xs_frame_slots(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
+                       const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount, uint16_t domid,
+                       int writable, uint8_t writable_type, int64_t *slots)
+{
+    int64_t mapped = 0;
+    for (size_t i = 0; i < n; i++) {
+        int64_t slot = slot_of(ext_of, max_mfn, mfns[i]);
+        if (slot >= 0 && (owner[slot] != domid ||
+                          (writable && tcount[slot] && ptype[slot] != writable_type)))
+            slot = -1;
+        slots[i] = slot;
+        mapped += slot >= 0;
+    }
+    return mapped;
+}
+
+#define SIM_FLAG_VALIDATED 1
+#define SIM_FLAG_PINNED    2
+#define SIM_FLAG_BROKEN    4
+#define SIM_FLAG_SPECIAL   8
+
+void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
+                        const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount,
+                        const uint8_t *flags, uint16_t domid, const uint8_t *type_levels, uint32_t *codes)
+{
+    for (size_t i = 0; i < n; i++) {
+        int64_t slot = slot_of(ext_of, max_mfn, mfns[i]);
+        if (slot < 0 || owner[slot] != domid || (flags[slot] & SIM_FLAG_SPECIAL)) {
+            codes[i] = 0xFu << 28;
+            continue;
+        }
+        uint8_t f = flags[slot];
+        if (f & SIM_FLAG_BROKEN)
+            codes[i] = 0xDu << 28;
+        else if (f & SIM_FLAG_PINNED)
+            codes[i] = ((uint32_t)type_levels[ptype[slot]] << 28) | (1u << 31);
+        else if (tcount[slot] && (f & SIM_FLAG_VALIDATED))
+            codes[i] = (uint32_t)type_levels[ptype[slot]] << 28;
+        else
+            codes[i] = 0;
+    }
 }
 
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out)

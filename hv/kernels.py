@@ -21,7 +21,7 @@ from array import array
 
 from xenstream.hv import pagetables
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
-from xenstream.hv.sim import l1refs
+from xenstream.hv.sim import hotpaths
 
 PYTHON_KERNELS = {
     "normalise_pages": pagetables.python_normalise_pages,
@@ -29,7 +29,9 @@ PYTHON_KERNELS = {
     "pack_page_words": pagetables.python_pack_page_words,
     "unpack_page_words": pagetables.python_unpack_page_words,
     "classify_page_types": pagetables.python_classify_page_types,
-    "take_l1_refs": l1refs.python_take_l1_refs,
+    "take_l1_refs": hotpaths.python_take_l1_refs,
+    "frame_slots": hotpaths.python_frame_slots,
+    "page_type_codes": hotpaths.python_page_type_codes,
     "legacy_to_page_words": pagetables.python_legacy_to_page_words,
     "pack_legacy_words": pagetables.python_pack_legacy_words,
 }
@@ -132,6 +134,20 @@ def load_compiled_kernels() -> dict | None:
         taken_count[0] = out[0]
         return result
 
+    def frame_slots(mfns, ext_of, max_mfn, owner, ptype, tcount, domid, writable, writable_type, slots) -> int:
+        mfns = as_u64(mfns)
+        return lib.xs_frame_slots(ffi.from_buffer("uint64_t[]", mfns), len(mfns), ffi.from_buffer("uint32_t[]", ext_of),
+                                  max_mfn, ffi.from_buffer("uint16_t[]", owner), ffi.from_buffer("uint8_t[]", ptype),
+                                  ffi.from_buffer("uint32_t[]", tcount), domid, writable, writable_type,
+                                  ffi.from_buffer("int64_t[]", slots, require_writable=True))
+
+    def page_type_codes(mfns, ext_of, max_mfn, owner, ptype, tcount, flags, domid, type_levels, codes) -> None:
+        mfns = as_u64(mfns)
+        lib.xs_page_type_codes(ffi.from_buffer("uint64_t[]", mfns), len(mfns), ffi.from_buffer("uint32_t[]", ext_of),
+                               max_mfn, ffi.from_buffer("uint16_t[]", owner), ffi.from_buffer("uint8_t[]", ptype),
+                               ffi.from_buffer("uint32_t[]", tcount), ffi.from_buffer("uint8_t[]", flags), domid,
+                               type_levels, ffi.from_buffer("uint32_t[]", codes, require_writable=True))
+
     def legacy_to_page_words(legacy, out) -> int:
         if not isinstance(legacy, array) or legacy.typecode not in ("I", "L", "Q"):
             legacy = array("Q", legacy)
@@ -158,6 +174,8 @@ def load_compiled_kernels() -> dict | None:
         "unpack_page_words": unpack_page_words,
         "classify_page_types": classify_page_types,
         "take_l1_refs": take_l1_refs,
+        "frame_slots": frame_slots,
+        "page_type_codes": page_type_codes,
         "legacy_to_page_words": legacy_to_page_words,
         "pack_legacy_words": pack_legacy_words,
     }
@@ -188,9 +206,12 @@ localise_pages = _SELECTED["localise_pages"]
 pack_page_words = _SELECTED["pack_page_words"]
 unpack_page_words = _SELECTED["unpack_page_words"]
 classify_page_types = _SELECTED["classify_page_types"]
-take_l1_refs = _SELECTED["take_l1_refs"]  # the simulator's L1 validation (xenstream.hv.sim.l1refs)
+# The simulator's own loops (xenstream.hv.sim.hotpaths): L1 validation, frame lookup, page-type query.
+take_l1_refs = _SELECTED["take_l1_refs"]
+frame_slots = _SELECTED["frame_slots"]
+page_type_codes = _SELECTED["page_type_codes"]
 legacy_to_page_words = _SELECTED["legacy_to_page_words"]
 pack_legacy_words = _SELECTED["pack_legacy_words"]
 
 __all__ = ["BACKEND", "PYTHON_KERNELS", "load_compiled_kernels", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
-           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "legacy_to_page_words", "pack_legacy_words"]
+           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "frame_slots", "page_type_codes", "legacy_to_page_words", "pack_legacy_words"]

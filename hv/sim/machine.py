@@ -77,6 +77,7 @@ class Machine:
 
         self.memory = _anonymous(self.capacity * abi.PAGE_SIZE, sparse=False)
         self.memview = memoryview(self.memory)
+        self.readonly_memview = self.memview.toreadonly()
         self._ext_map = _anonymous((highest_extent + 1) * 4)
         self.slot_extent_of = memoryview(self._ext_map).cast("I")  # mfn >> 9 -> slot extent + 1
         for slot_extent, base in enumerate(self.extent_mfn_base):

@@ -32,7 +32,7 @@ from xenstream.hv.interface import (
     XenVersion,
     XsaveState,
 )
-from xenstream.hv.sim import l1refs
+from xenstream.hv.sim import hotpaths
 from xenstream.hv.sim.domain import Domain, Vcpu, blank_vcpu_context
 from xenstream.hv.sim.machine import (
     FLAG_BROKEN,
@@ -69,10 +69,10 @@ _L1_ALLOWED = _UPPER_ALLOWED | abi.PTE_GLOBAL
 _PAE_L3_ALLOWED = _UPPER_ALLOWED & ~(abi.PTE_NX | (0x7FF << 52))
 _NOT_ALLOWED = {TYPE_L1: ~_L1_ALLOWED, TYPE_L2: ~_UPPER_ALLOWED, TYPE_PAE_XEN_L2: ~_UPPER_ALLOWED,
                 TYPE_L3: ~_UPPER_ALLOWED, TYPE_L4: ~_UPPER_ALLOWED}
-_PFINFO_LEVEL = {t: lvl << abi.PFINFO_LTAB_SHIFT for t, lvl in TYPE_LEVEL.items()}
-_L1_FAILURES = {l1refs.L1_REFUSED_FLAGS: "sets disallowed flags",
-                l1refs.L1_NOT_OWNED: "maps a frame the domain does not own",
-                l1refs.L1_WRITABLE_TYPED: "maps a pagetable or descriptor page writable"}
+_TYPE_LEVELS = bytes(TYPE_LEVEL.get(t, 0) for t in range(8))  # machine type -> table level
+_L1_FAILURES = {hotpaths.L1_REFUSED_FLAGS: "sets disallowed flags",
+                hotpaths.L1_NOT_OWNED: "maps a frame the domain does not own",
+                hotpaths.L1_WRITABLE_TYPED: "maps a pagetable or descriptor page writable"}
 DEFAULT_TSC = TscInfo(mode=0, khz=2_400_000, nsec=0, incarnation=0)
 
 
@@ -302,30 +302,16 @@ class SimXen:
         dom = self._domain(domid)
         machine = self.machine
         if dom.is_hvm:
-            hvm_p2m = dom.hvm_p2m
-            gfns = [hvm_p2m[g] if 0 <= g < len(hvm_p2m) else abi.INVALID_MFN for g in gfns]
-        ext_of, owner, ptype, tcount = machine.slot_extent_of, machine.owner, machine.ptype, machine.tcount
-        memview, max_mfn = machine.memview, machine.max_mfn
-        views: list[memoryview | None] = []
-        append = views.append
-        for mfn in gfns:
-            extent = ext_of[mfn >> 9] if 0 <= mfn < max_mfn else 0
-            if not extent:
-                append(None)
-                continue
-            slot = ((extent - 1) << 9) | (mfn & 511)
-            if owner[slot] != domid:
-                append(None)
-                continue
-            if writable and tcount[slot] and ptype[slot] != TYPE_WRITABLE:
-                append(None)  # Xen refuses writable mappings of typed pages
-                continue
-            view = memview[slot << 12:(slot + 1) << 12]
-            append(view if writable else view.toreadonly())
+            gfns = self._hvm_frames(dom, gfns)
+        slots = array("q", bytes(8 * len(gfns)))
+        kernels.frame_slots(gfns, machine.slot_extent_of, machine.max_mfn, machine.owner, machine.ptype,
+                            machine.tcount, domid, int(writable), TYPE_WRITABLE, slots)
+        base = machine.memview if writable else machine.readonly_memview
+        views = [base[s << 12:(s + 1) << 12] if s >= 0 else None for s in slots]
         if writable and dom.logdirty.enabled:
             m2p = machine.m2p
-            for mfn, view in zip(gfns, views):
-                if view is not None:
+            for mfn, slot in zip(gfns, slots):
+                if slot >= 0:
                     dom.logdirty.mark(m2p[mfn])
         return views
 
@@ -336,26 +322,16 @@ class SimXen:
         dom = self._domain(domid)
         machine = self.machine
         if dom.is_hvm:
-            hvm_p2m = dom.hvm_p2m
-            gfns = [hvm_p2m[g] if 0 <= g < len(hvm_p2m) else abi.INVALID_MFN for g in gfns]
-        ext_of, owner, ptype, tcount, flags = (machine.slot_extent_of, machine.owner, machine.ptype,
-                                               machine.tcount, machine.flags)
-        max_mfn = machine.max_mfn
-        out = array("I", bytes(4 * len(gfns)))
-        for i, mfn in enumerate(gfns):
-            extent = ext_of[mfn >> 9] if 0 <= mfn < max_mfn else 0
-            slot = ((extent - 1) << 9) | (mfn & 511) if extent else -1
-            if slot < 0 or owner[slot] != domid or flags[slot] & FLAG_SPECIAL:
-                out[i] = abi.PFINFO_XTAB
-                continue
-            f = flags[slot]
-            if f & FLAG_BROKEN:
-                out[i] = abi.PFINFO_BROKEN
-            elif f & FLAG_PINNED:
-                out[i] = _PFINFO_LEVEL[ptype[slot]] | abi.PFINFO_LPINTAB
-            elif tcount[slot] and f & FLAG_VALIDATED:
-                out[i] = _PFINFO_LEVEL.get(ptype[slot], abi.PFINFO_NOTAB)
-        return out
+            gfns = self._hvm_frames(dom, gfns)
+        codes = array("I", bytes(4 * len(gfns)))
+        kernels.page_type_codes(gfns, machine.slot_extent_of, machine.max_mfn, machine.owner, machine.ptype,
+                                machine.tcount, machine.flags, domid, _TYPE_LEVELS, codes)
+        return codes
+
+    @staticmethod
+    def _hvm_frames(dom: Domain, gfns: Sequence[int]) -> list[int]:
+        p2m = dom.hvm_p2m
+        return [p2m[g] if 0 <= g < len(p2m) else abi.INVALID_MFN for g in gfns]
 
     def populate_physmap(self, domid: int, gfns: Sequence[int], order: int = 0) -> Sequence[int]:
         self._count("populate_physmap")
@@ -671,7 +647,7 @@ class SimXen:
                                       _NOT_ALLOWED[TYPE_L1], TYPE_WRITABLE, FLAG_SPECIAL, slots, count)
         taken.extend(slots[:count[0]])
         if result < 0:
-            index, reason = l1refs.decode_failure(result)
+            index, reason = hotpaths.decode_failure(result)
             pte = entries[index]
             raise ValidationError(f"L1 entry {index} ({pte:#x}): {_L1_FAILURES[reason]}")
 

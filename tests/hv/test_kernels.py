@@ -277,7 +277,7 @@ def test_normalise_reports_foreign_frames_and_superpages():
 @SETTINGS
 @given(st.integers(0, 2**32), st.sampled_from([0.0, 0.01, 0.3]))
 def test_l1_validation_kernel_matches_twin(seed, bad_rate):
-    from xenstream.hv.sim import l1refs
+    from xenstream.hv.sim import hotpaths
 
     rng = random.Random(seed)
     slots = 2048
@@ -301,4 +301,30 @@ def test_l1_validation_kernel_matches_twin(seed, bad_rate):
         state = (bytearray(ptype), array("I", tcount), array("I", bytes(4 * 512)), [0])
         result = impl(page, ext_of, 64 << 9, owner, state[0], state[1], flags, 1, refused, 6, 8, state[2], state[3])
         results.append((result, bytes(state[0]), state[1].tobytes(), state[2][:state[3][0]].tobytes(), state[3][0]))
+    assert results[0] == results[1]
+
+
+@needs_cffi
+@SETTINGS
+@given(st.integers(0, 2**32), st.booleans())
+def test_frame_lookup_and_type_query_kernels_match_twins(seed, writable):
+    rng = random.Random(seed)
+    slots = 2048
+    ext_of = array("I", [0]) * 64
+    for extent, machine_extent in enumerate(rng.sample(range(1, 64), slots // 512)):
+        ext_of[machine_extent] = extent + 1
+    owner = array("H", [rng.choice([1, 1, 2, 0xFFFF]) for _ in range(slots)])
+    ptype = bytearray(rng.randrange(8) for _ in range(slots))
+    tcount = array("I", [rng.choice([0, 0, 1, 2]) for _ in range(slots)])
+    flags = bytearray(rng.randrange(16) for _ in range(slots))
+    mfns = array("Q", [rng.choice([rng.randrange(64 << 9), rng.randrange(1 << 64), abi.INVALID_MFN])
+                       for _ in range(rng.randrange(1, 300))])
+    levels = bytes([0, 1, 2, 3, 4, 2, 0, 0])
+    results = []
+    for impl in (PY, CFFI):
+        out = array("q", bytes(8 * len(mfns)))
+        mapped = impl["frame_slots"](mfns, ext_of, 64 << 9, owner, ptype, tcount, 1, int(writable), 6, out)
+        codes = array("I", bytes(4 * len(mfns)))
+        impl["page_type_codes"](mfns, ext_of, 64 << 9, owner, ptype, tcount, flags, 1, levels, codes)
+        results.append((mapped, out, codes))
     assert results[0] == results[1]

@@ -30,27 +30,26 @@ from typing import Protocol
 import attrs
 import structlog
 
-from xenstream.hv import abi
-from xenstream.hv.interface import Hypervisor, HypervisorError, TscInfo, VcpuContext, XsaveState, CpuPolicy
-from xenstream.hv import kernels
+from xenstream.hv import abi, kernels
+from xenstream.hv.interface import CpuPolicy, Hypervisor, HypervisorError, TscInfo, VcpuContext, XsaveState
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
 from xenstream.v2 import constants as C
-from xenstream.v2.errors import MalformedStream, StreamError, TruncatedStream, UnsupportedStream
+from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, PagePayload, SkippedRecord
 from xenstream.v2.reader import V2Reader
-from xenstream.v2.records import DomainHeader, ImageHeader
+from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
 
 log = structlog.get_logger()
 
 INVALID = abi.INVALID_MFN
 HEAD_READ = 64 << 10  # small reads: what is read past a record head is payload that goes through Python
 _IOV_MAX = 1024
-_NEEDS_RAM = frozenset({0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC, abi.PAGETYPE_XALLOC})
+_NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(t)} | {abi.PAGETYPE_XALLOC})
 # L1..L4 with the pin bit (XTAB, BROKEN, XALLOC share that bit but have no table level).
 _PINNED_TYPE = re.compile(rb"[\x09-\x0c]")
 _TABLE_TYPES = frozenset(t for t in range(16) if abi.pagetable_level(t))
-_WITHOUT_RAM = frozenset({abi.PAGETYPE_XTAB, abi.PAGETYPE_BROKEN, abi.PAGETYPE_XALLOC})  # or no data
-_EXT_VCPU_OFFSET = 0
+# Holes a P2M may have above the domain's memory limit: bounds the tables X86_PV_P2M_FRAMES sizes.
+P2M_HOLE_ALLOWANCE = 1 << 18
 _GRANT_ENTRY = struct.Struct("<HHI")
 _VALID_PV_INFO = {(abi.WIDTH_32, 3), (abi.WIDTH_64, 4)}
 
@@ -134,14 +133,13 @@ class PvRestorer:
         self._verify = False
         self._tables: TranslationTables | None = None
         # The data pages of the current PAGE_DATA awaiting their payload: parallel pfns, types, guest frames.
-        self._pending = _Pending((), (), [])
+        self._pending = _NO_PENDING
         self._pending_next = 0
         self._scratch: memoryview | None = None
         self._page_record_offset = 0
         self.pages_written = 0
         self.pages_populated = 0
         self.verify_mismatches = 0
-
 
     # ------------------------------------------------------------------ driving
 
@@ -282,6 +280,9 @@ class PvRestorer:
         expected = end // fpp - start // fpp + 1
         _require(len(body.frames) == expected,
                  f"{len(body.frames)} frames for pfns {start:#x}-{end:#x}, expected {expected}")
+        limit = self._info.max_pages + P2M_HOLE_ALLOWANCE
+        _require(end < limit, f"end pfn {end:#x} is beyond what domain {self.domid} can hold "
+                              f"({self._info.max_pages} pages and {P2M_HOLE_ALLOWANCE} pfns of holes)")
         if end > self._max_pfn:
             self._expand(end)
         first = start // fpp
@@ -309,7 +310,7 @@ class PvRestorer:
         _require(top <= self._max_pfn, f"pfn {top:#x} out of range (max_pfn {self._max_pfn:#x})")
         first = pfns[0]
         contiguous = pfns == tuple(range(first, first + len(pfns)))
-        plain = not _WITHOUT_RAM.intersection(types)
+        plain = abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types)
         if contiguous and plain:  # the common case: one ascending run of pages that all carry data
             self._populate_run(first, len(pfns))
             self._types[first:first + len(pfns)] = bytes(types)
@@ -753,24 +754,20 @@ _HANDLERS: dict[int, Callable] = {
     C.REC_CHECKPOINT: PvRestorer._checkpoint,
 }
 
-def _name(record_type: int) -> str:
-    from xenstream.v2.records import libxc_record_name
-
-    return libxc_record_name(record_type)
+_name = libxc_record_name
 
 
-class DomainFactory(Protocol):
-    """The toolstack operations around a restore (spec 7.8); `SimXen` provides them."""
+class ToolstackHypervisor(Hypervisor, Protocol):
+    """A hypervisor plus the toolstack operations around a restore (spec 7.8); `SimXen` is one."""
 
     def create_domain(self, max_vcpus: int = 1, max_pages: int = 0, hvm: bool = False) -> int: ...
 
     def destroy_domain(self, domid: int) -> None: ...
 
 
-def restore_new_domain(hv, source: Iterable[bytes] | int, *, max_vcpus: int, max_pages: int, initial: bytes = b"",
+def restore_new_domain(hv: ToolstackHypervisor, source: Iterable[bytes] | int, *, max_vcpus: int, max_pages: int, initial: bytes = b"",
                        store_evtchn: int = 1, console_evtchn: int = 2) -> RestoreResult:
-    """Create a PV domain on `hv` (a Hypervisor that is also a DomainFactory), restore a stream into it, and
-    destroy the domain again if the restore fails for any reason.
+    """Create a PV domain on `hv`, restore a stream into it, and destroy the domain again if the restore fails for any reason.
 
     `source` is an iterable of stream chunks, or a readable fd (payloads then move fd -> guest with readv;
     `initial` holds bytes already read from it).

@@ -10,7 +10,7 @@ from tests.v2 import engine_support as es
 from xenstream.hv import abi
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import MalformedStream, StreamError, TruncatedStream, UnsupportedStream
-from xenstream.v2.restore import PvRestorer
+from xenstream.v2.restore import P2M_HOLE_ALLOWANCE, PvRestorer
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +465,14 @@ def test_restore_into_an_hvm_domain_is_refused(src64):
 def test_pv32_stream_switches_the_address_size(src32):
     xen, result = es.restore(src32.stream, src32.spec)
     assert xen.get_address_size(result.domid) == 32
+
+
+def test_p2m_frames_beyond_what_the_domain_can_hold(src64):
+    """No table is sized by an unchecked field: a huge end pfn is refused before anything is allocated."""
+    def change(headers, records):
+        index = es.find(records, C.REC_X86_PV_P2M_FRAMES)
+        end = src64.spec.nr_pages + P2M_HOLE_ALLOWANCE
+        frames = end // 512 + 1
+        records[index].body = struct.pack("<II", 0, end) + bytes(8 * frames)
+
+    fails(src64, mutate(src64, change), MalformedStream, "beyond what domain")

@@ -28,7 +28,7 @@ from typing import Protocol
 from xenstream.convert.transform import ConvertOptions, Payload, Transformer
 from xenstream.legacy.errors import MalformedStream as LegacyMalformed
 from xenstream.legacy.errors import UnsupportedStream as LegacyUnsupported
-from xenstream.legacy.events import Detected
+from xenstream.legacy.events import Detected, DeviceModelData, PageBatch
 from xenstream.legacy.parser import DONE, LegacyParser
 from xenstream.legacy.parser import NEED_DATA as LEGACY_NEED_DATA
 from xenstream.v2 import constants as V2
@@ -237,6 +237,9 @@ class LegacyUpgrade:
 
     PARSER_STEP = 64 << 10
     TRAILING_LIMIT = 64 << 10  # after the v1 stream: an xl "go" message is a few bytes
+    # Elements other than page batches, per stream. A real stream has a few per vcpu and a few dozen
+    # more; the transformer keeps some of them until the end, so their number bounds its memory.
+    ELEMENT_LIMIT = 1 << 16
 
     def __init__(self, fmt: str, width: int | None, guest: str | None, max_buffered: int):
         self._parser = LegacyParser(width=width, guest=guest, passthrough=True)
@@ -249,6 +252,8 @@ class LegacyUpgrade:
         self._end: int | None = None  # where the input was when the stream was complete
         self._held: list = []
         self._done = False
+        self._elements = 0
+        self._device_model_bytes = 0  # qemu state the transformer holds until the end
         self.variant = "v1"
         self.suffix = fmt
 
@@ -313,8 +318,7 @@ class LegacyUpgrade:
             if event is DONE:
                 self._done = True
                 return
-            if isinstance(event, Detected):
-                self.variant = f"v1-{event.guest}-{event.width}"
+            self._check_limits(event)
             mark = len(outbox.buffers)
             finished = transformer.finished
             self._route = transformer.handle(event)
@@ -322,6 +326,31 @@ class LegacyUpgrade:
                 self._held = [bytes(buffer) for buffer in outbox.buffers[mark:]]
                 del outbox.buffers[mark:]
                 self._end = parser.offset
+
+    def _check_limits(self, event) -> None:
+        check = self._CHECKS.get(type(event))
+        if check is not None:
+            check(self, event)
+            return
+        self._elements += 1
+        if self._elements > self.ELEMENT_LIMIT:
+            raise LegacyUnsupported(f"more than {self.ELEMENT_LIMIT} stream elements besides page batches",
+                                    event.offset)
+
+    def _detected(self, event: Detected) -> None:
+        self.variant = f"v1-{event.guest}-{event.width}"
+
+    def _device_model_data(self, event: DeviceModelData) -> None:
+        self._device_model_bytes += len(event.data)
+        if self._device_model_bytes > self._max_buffered:
+            raise LegacyUnsupported(f"device-model state larger than the service's {self._max_buffered} byte "
+                                    "buffering limit", event.offset)
+
+    _CHECKS = {
+        PageBatch: lambda self, event: None,
+        Detected: _detected,
+        DeviceModelData: _device_model_data,
+    }
 
     @staticmethod
     def _no_spool():

@@ -251,6 +251,21 @@ def test_buffering_limit_refuses_an_oversized_record():
         conversion.feed(data)
 
 
+def test_device_model_state_beyond_the_buffering_limit_is_refused():
+    # The parser hands the state out in 1 MiB pieces; the transformer keeps all of them until the end.
+    data = build_stream(BuildOptions(guest="hvm", pages=32, device_model_size=1_600_000))
+    assert _run(LegacyUpgrade("libxc", None, None, 2 << 20), data, [1 << 16])  # fits
+    with pytest.raises(legacy_errors.UnsupportedStream, match="device-model state"):
+        _run(LegacyUpgrade("libxc", None, None, (1 << 20) + (128 << 10)), data, [1 << 16])
+
+
+def test_element_count_is_bounded():
+    conversion = LegacyUpgrade("libxc", None, None, 1 << 20)
+    conversion.ELEMENT_LIMIT = 3  # a real stream has a few dozen
+    with pytest.raises(legacy_errors.UnsupportedStream, match="elements besides page batches"):
+        _run(conversion, V1_SAMPLES[0], [4096])
+
+
 def test_remus_streams_with_later_checkpoints_are_refused():
     data = build_stream(BuildOptions(guest="pv", pages=32, checkpoints=3))
     conversion = LegacyUpgrade("libxc", None, None, 1 << 20)

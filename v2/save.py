@@ -20,10 +20,9 @@ from collections.abc import Callable
 import attrs
 import structlog
 
-from xenstream.hv import abi
+from xenstream.hv import abi, kernels
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
 from xenstream.hv.interface import Hypervisor
-from xenstream.hv import kernels
 from xenstream.hv.pagetables import NORMALISE_OK, xen_slot_range
 from xenstream.v2 import constants as C
 from xenstream.v2.records import (
@@ -70,18 +69,11 @@ class SaveResult:
     bytes_written: int
 
 
-class _Policy:
+def policy_records(hv: Hypervisor, domid: int) -> list[tuple[int, bytes]]:
     """The CPU policy records, CPUID first, each only when non-empty (spec 3.3)."""
-
-    @staticmethod
-    def records(hv: Hypervisor, domid: int) -> list[tuple[int, bytes]]:
-        policy = hypervisor_call("get CPU policy", hv.get_cpu_policy, domid)
-        out = []
-        if policy.cpuid:
-            out.append((C.REC_X86_CPUID_POLICY, bytes(policy.cpuid)))
-        if policy.msrs:
-            out.append((C.REC_X86_MSR_POLICY, bytes(policy.msrs)))
-        return out
+    policy = hypervisor_call("get CPU policy", hv.get_cpu_policy, domid)
+    candidates = ((C.REC_X86_CPUID_POLICY, policy.cpuid), (C.REC_X86_MSR_POLICY, policy.msrs))
+    return [(record_type, bytes(body)) for record_type, body in candidates if body]
 
 
 def _first_bad_entry(view: PvGuestView, level: int, page: memoryview) -> str:
@@ -164,8 +156,9 @@ def vcpu_records(view: PvGuestView, vcpu_id: int) -> list:
         raise SaveError(str(exc), exc.errno) from exc
     records = [X86PvVcpuBasic(vcpu_id, basic.pack())]
     ext = hypervisor_call(f"get vcpu{vcpu_id} extended context", hv.get_ext_vcpu_context, domid, vcpu_id)
-    if len(ext) >= 8 and int.from_bytes(ext[_EXT_SIZE_OFFSET:_EXT_SIZE_OFFSET + 4], "little"):
-        records.append(X86PvVcpuExtended(vcpu_id, ext))
+    ext_size = int.from_bytes(ext[_EXT_SIZE_OFFSET:_EXT_SIZE_OFFSET + 4], "little") if len(ext) >= 8 else 0
+    if ext_size:  # the structure up to its own size field's value, leading vcpu and size words included
+        records.append(X86PvVcpuExtended(vcpu_id, ext[:ext_size]))
     xsave = hypervisor_call(f"get vcpu{vcpu_id} xsave", hv.get_vcpu_xsave, domid, vcpu_id)
     if xsave.xfeature_mask and xsave.data:
         records.append(X86PvVcpuXsave(vcpu_id, xsave.data))
@@ -206,7 +199,7 @@ class _PvSaver:
         self.writer.domain_header(DomainHeader(guest_type=C.DOMAIN_TYPE_X86_PV, xen_major=version.major,
                                                xen_minor=version.minor))
         self._record(X86PvInfo(guest_width=view.width, pt_levels=view.levels))
-        for record_type, body in _Policy.records(self.hv, self.domid):
+        for record_type, body in policy_records(self.hv, self.domid):
             self._raw_record(record_type, body)
         self._record(StaticDataEnd())
         self._record(X86PvP2mFrames(start_pfn=0, end_pfn=view.max_pfn, frames=view.p2m_pfns))

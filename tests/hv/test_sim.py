@@ -458,3 +458,34 @@ def test_pokes_bypass_xen_checks(host):
     bad = attrs.evolve(host.get_vcpu_context(d, 0), cr3=abi.cr3_from_mfn(g.p2m(g.layout.nr_pages - 1), 8))
     host.poke_vcpu_context(d, 0, bad)
     assert host.get_vcpu_context(d, 0) == bad
+
+
+@pytest.mark.parametrize("spec", ["pv64:mem=4M,seed=2", "pv32:mem=4M,seed=2,p2m=linear,maxmem=64M"])
+def test_resume_in_new_domain_republishes_the_p2m(host, spec):
+    """What a restorer leaves (FLL cleared, FL pages stale, store/console already mfns) and what the
+    guest does about it on resume."""
+    g = _guest(host, spec)
+    d, width, layout = g.domid, g.width, g.layout
+    g.suspend()
+    shared = host.shared_info(d)
+    info = abi.SHARED_INFO_LAYOUTS[width]
+    shared[info.pfn_to_mfn_frame_list_list:info.pfn_to_mfn_frame_list_list + width] = bytes(width)
+    shared[info.p2m_cr3:info.p2m_cr3 + width] = bytes(width)
+    for pfn in layout.fl_pfns:
+        host.poke_frame(g.p2m(pfn))[:] = bytes(abi.PAGE_SIZE)
+    start_info = host.poke_frame(g.p2m(layout.start_info_pfn))
+    si = abi.START_INFO_LAYOUTS[width]
+    for field, pfn in ((si.store_mfn, layout.store_pfn), (si.console_mfn, layout.console_pfn)):
+        start_info[field:field + width] = g.p2m(pfn).to_bytes(width, "little")
+    g.resume_new_domain()
+    assert g.problems() == []
+    word = lambda off: int.from_bytes(bytes(shared[off:off + width]), "little")  # noqa: E731
+    assert word(info.pfn_to_mfn_frame_list_list) == g.p2m(layout.fll_pfn)
+    assert word(info.max_pfn) == max(layout.p2m_pages, layout.nr_pages)
+    if layout.p2m_vaddr:
+        assert abi.mfn_from_cr3(word(info.p2m_cr3), width) == g.p2m(layout.pinned[0].pfn)
+    fmt = "Q" if width == abi.WIDTH_64 else "I"
+    fl = array(fmt, bytes(host.machine.frame(g.p2m(layout.fl_pfns[0]))))
+    assert list(fl[:len(layout.p2m_pfns)]) == [g.p2m(p) for p in layout.p2m_pfns]
+    assert host.machine.frame(g.p2m(layout.fixmap_l1_pfn)).cast("Q")[0] >> 12 & ((1 << 40) - 1) == \
+        host.get_domain_info(d).shared_info_frame

@@ -111,8 +111,9 @@ def verify(args: argparse.Namespace) -> int:
     finally:
         if owned:
             os.close(fd)
-    for warning in report.warnings:
-        output.info(f"Warning: {warning}")
+    for line in report.lines():
+        if line.startswith("warning: "):
+            output.info("Warning: " + line.removeprefix("warning: "))
     if report.ok:
         return edge.EXIT_OK
     output.error("Stream Error:")

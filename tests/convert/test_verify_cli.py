@@ -165,7 +165,8 @@ def test_drop_in_verbose_summarises_like_xens_script(files):
 def test_drop_in_verbose_prints_warnings(files):
     done = run(DROP_IN + ["-i", files("s", pv(page_data([(3, NOTAB), (3, NOTAB)]))), "-v"])
     assert done.returncode == 0
-    assert any(line.startswith("Warning: warning: offset 0x") for line in done.stdout.decode().splitlines())
+    assert any(line.startswith("Warning: offset 0x") and "appears more than once" in line
+               for line in done.stdout.decode().splitlines())
 
 
 def test_drop_in_quiet_prints_nothing(files):

@@ -8,8 +8,8 @@ Page typing follows Xen's rules (xen/arch/x86/mm.c): a type reference is held by
 present entry of a validated table on the table it names, by each writable L1 mapping on its target
 (type "writable") and by each vcpu's cr3/ctrlreg[1] root and GDT frames. The first reference
 validates the page (recursively), the last one de-validates it. Validation refuses foreign and
-non-RAM frames, superpages, type conflicts (a writable mapping of a pagetable or GDT page, a table
-used at two levels) and fills Xen's own slots (64-bit L4 256-271, PAE L3 4-511 cleared, PAE top L2
+non-RAM frames, superpages and other disallowed flag bits, type conflicts (a writable mapping of a
+pagetable or GDT page, a table used at two levels) and fills Xen's own slots (64-bit L4 256-271, PAE L3 4-511 cleared, PAE top L2
 428-511 = compat M2P).
 """
 
@@ -118,8 +118,6 @@ class SimXen:
         self.domains[domid] = Domain(domid=domid, is_hvm=hvm, width=width, max_pages=max_pages,
                                      vcpus=vcpus, shared_info_frame=shared_info, grant_frame=grant,
                                      tsc=DEFAULT_TSC, policy=CpuPolicy(b"", b""), pause_count=1)
-        if hvm:
-            self.domains[domid].hvm_p2m = array("Q")
         return domid
 
     def destroy_domain(self, domid: int) -> None:
@@ -242,7 +240,7 @@ class SimXen:
         """SCHEDOP_shutdown(SHUTDOWN_suspend) with rdx/edx = start_info mfn (no controller pause)."""
         dom = self._domain(domid)
         vcpu0 = dom.vcpus[0]
-        vcpu0.context = _evolve_context(vcpu0.context, start_info=start_info_mfn)
+        vcpu0.context = attrs.evolve(vcpu0.context, start_info=start_info_mfn)
         dom.shutdown = True
         dom.shutdown_reason = abi.SHUTDOWN_SUSPEND
 
@@ -718,6 +716,3 @@ class SimXen:
             return
         self._put_type(dom, child)
 
-
-def _evolve_context(context: VcpuContext, **changes) -> VcpuContext:
-    return attrs.evolve(context, **changes)

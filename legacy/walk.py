@@ -344,8 +344,11 @@ class Walker:
     # ---------------------------------------------------------------------------------------------
 
     def _checkpoint(self, start: int, first: memoryview | None):
-        """Returns True when the checkpoint ran to the end of input (QemuDeviceModelRecord)."""
-        self._vcpu_info = None
+        """Returns True when the checkpoint ran to the end of input (QemuDeviceModelRecord).
+
+        The VCPU map is the last VCPU_INFO's, kept across checkpoints as the 4.5 restorer keeps it
+        (its pagebuf is never reset); before any VCPU_INFO only VCPU 0 has a record.
+        """
         self._decoder = CheckpointDecoder(self._store) if self._compressed else None
         raw, at = first, start
         while True:

@@ -359,8 +359,8 @@ def random_streams(draw):
     checkpoints = draw(st.integers(min_value=1, max_value=3))
     last = checkpoints == 1 and draw(st.booleans())
     batches = []
+    online = [0]  # the last VCPU_INFO's map holds across checkpoints
     for _ in range(checkpoints):
-        online = [0]
         for kind in draw(st.lists(st.sampled_from(["batch", "tsc", "param", "vcpus", "toolstack"]), max_size=5)):
             if kind == "batch":
                 pfns = draw(st.lists(st.integers(0, p2m_size - 1), unique=True, min_size=1, max_size=6))
@@ -422,3 +422,12 @@ def test_random_streams_whole_byte_by_byte_and_chunked(stream, rng, passthrough)
         assert [bytes(batch.payload) for batch in parsed] == [pages for _, pages in batches]
     assert [e.index for e in events if isinstance(e, ev.CheckpointEnd)] == list(range(1, checkpoints + 1))
     assert events[-1] == ev.EndOfStream(checkpoints, "last-checkpoint" if last else "end-of-input")
+
+
+def test_a_checkpoint_without_vcpu_info_keeps_the_last_map():
+    """Xen 4.5's restorer never resets its VCPU map between checkpoints."""
+    s = hb.Stream(64).pv_header(16).vcpu_info(2, 0b101).end_body().pv_tail([0, 2])
+    s.batch([1], [hb.page(1)]).end_body().pv_tail([0, 2])
+    events = parse_bytes(s.bytes())
+    assert [e.vcpu_id for e in events if isinstance(e, ev.VcpuBasic)] == [0, 2, 0, 2]
+    assert events[-1] == ev.EndOfStream(2, "end-of-input")

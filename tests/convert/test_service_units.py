@@ -164,7 +164,8 @@ def _offline(data: bytes, fmt: str) -> bytes:
 
 
 V2_SAMPLES = [v2_stream(guest="pv", pages=40, wrap="libxc", seed=1), v2_stream(guest="hvm", pages=40, wrap="libxl", seed=2),
-              v2_stream(guest="pv", pages=40, wrap="xl", seed=3)]
+              v2_stream(guest="pv", pages=40, wrap="xl", seed=3),
+              v2_stream(guest="hvm", pages=40, wrap="libxl", seed=4, checkpoints=2)]  # Remus: no END
 V1_SAMPLES = [build_stream(BuildOptions(guest="pv", pages=40, seed=1)),
               build_stream(BuildOptions(guest="hvm", pages=40, seed=2, wrapper="xl"))]
 V1_EXPECTED = {fmt: [_offline(data, fmt) for data in V1_SAMPLES] for fmt in ("libxc", "libxl")}

@@ -2,15 +2,16 @@
 flow, forward them to each listener's destination.
 
 Concurrency model: one thread per migration stream, blocking sockets, a single accept loop.
-The work of a stream is moving bytes (recv, send, write: system calls that release the GIL) with a
-little parsing per record between them, so threads overlap well and blocking I/O gives backpressure
-without any machinery: a stream whose destination is slow stops reading its source. Threads are
-bounded by `max_connections`; each stream owns one fixed read buffer, so memory is bounded too.
+The work of a stream is moving bytes (recv, send, splice: system calls that release the GIL) with a
+little parsing per record between them; page payloads are spliced source -> pipe -> destination and
+never enter Python. So threads overlap well, and blocking I/O gives backpressure without any
+machinery: a stream whose destination is slow stops reading its source. Threads are bounded by
+`max_connections`; each stream owns one fixed read buffer, so memory is bounded too.
 
 Lifecycle: `bind()` opens the listeners (and the metrics endpoint), `serve()` accepts until
 `request_stop()` (signal-safe, used for SIGTERM), then closes the listeners, lets the streams in flight
-finish for `shutdown_grace` seconds, aborts the rest cleanly (destination closed without END, temporary
-files removed) and returns.
+finish for `shutdown_grace` seconds (a second request cuts that short), aborts the rest cleanly
+(destination closed without END, temporary files removed) and returns.
 """
 
 from __future__ import annotations

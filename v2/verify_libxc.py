@@ -98,7 +98,7 @@ class Checkpoint:
     tsc: bool = False
     shared_info: bool = False
     hvm_context: bool = False
-    hvm_params: bool = False
+    hvm_params: set = attrs.field(factory=set)  # HVM_PARAM indexes set in this checkpoint
     vcpu_records: set = attrs.field(factory=set)  # (vcpu_id, type)
     vcpu_state_seen: bool = False
 
@@ -331,9 +331,14 @@ class LibxcRules:
     def _hvm_params(self, offset, index, name, length, body):
         if not body.params:
             self._warn(offset, index, name, "no entries (Xen's restore skips it; savers since 4.9 omit it)")
-        if self.current.hvm_params:
-            self._warn(offset, index, name, "second HVM_PARAMS in one checkpoint")
-        self.current.hvm_params = True
+        # Xen's legacy converter writes two HVM_PARAMS records with different parameters; what is suspicious
+        # is one parameter set twice, where the later value silently wins.
+        seen = self.current.hvm_params
+        repeated = sorted({param for param, _ in body.params if param in seen})
+        if repeated:
+            self._warn(offset, index, name, f"HVM params {', '.join(map(str, repeated))} set again in one checkpoint; "
+                       "the later values win")
+        seen.update(param for param, _ in body.params)
 
     def _page_data(self, offset, index, name, length, body):
         self._infer_static_end()

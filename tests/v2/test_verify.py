@@ -169,7 +169,8 @@ RULES = [
     ("unknown-tsc-mode", pv(tail=[tsc_info(mode=7)] + pv_checkpoint_tail()[1:]), {}, WARNING, "unknown TSC mode 7"),
     ("hvm-params-without-entries", hvm(tail=[tsc_info(), hvm_context(), hvm_params(())]), {}, WARNING, "no entries"),
     ("second-hvm-context", hvm(tail=hvm_checkpoint_tail() + [hvm_context()]), {}, WARNING, "second HVM_CONTEXT"),
-    ("second-hvm-params", hvm(tail=hvm_checkpoint_tail() + [hvm_params()]), {}, WARNING, "second HVM_PARAMS"),
+    ("hvm-params-repeated", hvm(tail=hvm_checkpoint_tail() + [hvm_params(((17, 1), (12, 2)))]), {}, WARNING,
+     "HVM params 17 set again in one checkpoint"),
     # ---- mandatory records
     ("no-pv-info", libxc([p2m_frames(), page_data(PV_PAGES)] + pv_checkpoint_tail(), version=2), {}, ERROR,
      "stream without X86_PV_INFO"),
@@ -264,6 +265,7 @@ VALID = {
     "colo-libxl-pv": libxl_checkpointed_pv(2, colo=True),
     "live-with-verify-pass": pv(page_data(PV_PAGES[2:]), empty(VERIFY), page_data(PV_PAGES)),
     "hvm-context-before-params": hvm(),  # Xen's order, against the spec's sentence (spec A1)
+    "hvm-params-in-two-records": hvm(tail=hvm_checkpoint_tail() + [hvm_params(((12, 2),))]),  # Xen's converter
     "broken-and-xalloc-entries": pv(page_data([(3, BROKEN)]), page_data([(3, 0xE)])),
 }
 

@@ -192,13 +192,18 @@ class ServiceProcess:
     def results(self) -> list[dict]:
         return [e for e in self.logs() if e.get("event") in ("stream done", "stream failed")]
 
-    def metrics(self) -> str:
+    def http_get(self, path: str) -> tuple[int, str]:
+        """(status, body) of a GET on the metrics endpoint."""
         with connect(self.addresses["metrics"]) as sock:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
             reply = _read_to_end(sock)
         head, _, body = reply.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
-        return body.decode()
+        return int(head.split(b" ", 2)[1]), body.decode()
+
+    def metrics(self) -> str:
+        status, body = self.http_get("/metrics")
+        assert status == 200
+        return body
 
     def stop(self, timeout: float = 20.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -398,6 +398,8 @@ def test_metrics_count_streams_bytes_and_failures(rig):
         metric_value(before, "xenstream_pages_total", listener="tcp") + 32
     assert metric_value(after, "xenstream_connections_active") == 0
     assert "xenstream_conversion_seconds_count" in after
+    assert service.http_get("/healthz") == (200, "ok\n")
+    assert service.http_get("/nothing")[0] == 404
 
 
 # ------------------------------------------------------------------------------------------ own instances

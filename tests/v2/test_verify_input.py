@@ -237,3 +237,23 @@ def test_verifier_not_shown_the_end_says_so():
         verifier.feed_event(event)
     (finding,) = verifier.finish().errors
     assert "not shown the end of the stream" in finding.message
+
+
+def _v2_samples():
+    import json
+
+    from tests.conftest import SAMPLES
+
+    manifest = json.loads((SAMPLES / "v2" / "manifest.json").read_text())
+    return [(SAMPLES / "v2" / name, facts) for name, facts in sorted(manifest.items())]
+
+
+@pytest.mark.parametrize("path,facts", _v2_samples(), ids=[p.name for p, _ in _v2_samples()])
+def test_committed_v2_samples(path, facts):
+    """samples/v2: valid ones pass with no finding, invalid ones fail with the one error the manifest names."""
+    report = verify_path(path, colo=False)
+    if not facts.get("invalid"):
+        assert report.ok and not report.warnings, report.lines()
+        return
+    (finding,) = report.errors
+    assert finding.offset == facts["offset"] and facts["contains"] in finding.message, str(finding)

@@ -431,3 +431,13 @@ def test_a_checkpoint_without_vcpu_info_keeps_the_last_map():
     events = parse_bytes(s.bytes())
     assert [e.vcpu_id for e in events if isinstance(e, ev.VcpuBasic)] == [0, 2, 0, 2]
     assert events[-1] == ev.EndOfStream(2, "end-of-input")
+
+
+def test_unknown_extended_info_blocks_are_kept_as_the_restorer_skips_them():
+    vcpu = b"vcpu" + struct.pack("<I", 0x1430) + bytes(0x1430)
+    blocks = b"abcd" + struct.pack("<I", 3) + b"xyz" + vcpu + b"extv" + struct.pack("<I", 0)
+    s = hb.Stream(64).ulong(16).raw(b"\xff" * 8).u32(len(blocks)).raw(blocks).ulong(0)
+    s.i32(-9).end_body().pv_tail([0])
+    ext = next(e for e in parse_bytes(s.bytes(), guest="pv") if isinstance(e, ev.ExtendedInfo))
+    assert [(b.block_id, b.data) for b in ext.blocks][0] == (b"abcd", b"xyz")
+    assert ext.guest_width == 8 and ext.has_extended_context and ext.xsave_record_size == 0

@@ -64,10 +64,11 @@ def closed_port() -> int:
 class SinkServer:
     """A destination: accepts connections and records everything each one sends, until EOF.
 
-    With `stall=True` it accepts and never reads (a receive buffer kept small), as a hung receiver.
+    With `stall=True` it accepts and never reads (a receive buffer kept small), as a hung receiver;
+    with `rate` it reads at most that many bytes per second, as a slow one.
     """
 
-    def __init__(self, *, unix_path: str | None = None, stall: bool = False):
+    def __init__(self, *, unix_path: str | None = None, stall: bool = False, rate: float | None = None):
         if unix_path:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sock.bind(unix_path)
@@ -78,6 +79,7 @@ class SinkServer:
             self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
         self._sock.listen(64)
         self._stall = stall
+        self._rate = rate  # bytes per second this receiver reads at most (a slow destination)
         self.streams: queue.Queue[bytes] = queue.Queue()
         self._held: list[socket.socket] = []
         self._closing = False
@@ -97,11 +99,14 @@ class SinkServer:
 
     def _collect(self, conn: socket.socket) -> None:
         conn.settimeout(60)
+        started = time.monotonic()
         with conn:
             data = bytearray()
             try:
-                while chunk := conn.recv(1 << 20):
+                while chunk := conn.recv(1 << 16 if self._rate else 1 << 20):
                     data += chunk
+                    if self._rate:
+                        time.sleep(max(0.0, started + len(data) / self._rate - time.monotonic()))
             except OSError:
                 pass
         self.streams.put(bytes(data))
@@ -211,6 +216,11 @@ class ServiceProcess:
             return self.proc.wait(timeout)
         finally:
             self._log_file.close()
+
+    def peak_rss(self) -> int:
+        """The service's peak resident set so far, in bytes (VmHWM)."""
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -502,6 +502,28 @@ def test_sigterm_lets_streams_finish_then_aborts_the_late_ones(tmp_path):
         sink.close()
 
 
+def test_slow_destination_slows_the_source(tmp_path):
+    """Backpressure end to end: the service buffers nothing of its own, so the sender has to wait."""
+    sink = SinkServer(rate=32 << 20)
+    service = _small_service(tmp_path, sink)
+    try:
+        data = v2_stream(guest="pv", pages=16384, wrap="libxc", seed=17)  # 64 MiB, about 2 s at the sink's pace
+        started = time.monotonic()
+        with connect(service.addresses["tcp"], timeout=30) as sock:
+            sock.sendall(data)
+            sent_after = time.monotonic() - started
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+        assert sink.next_stream() == data
+        # Kernel socket buffers on the way hold a few MiB at most; all the rest had to wait for the sink.
+        assert sent_after > 0.8
+        assert service.peak_rss() < 100 << 20
+        assert service.stop() == 0
+    finally:
+        service.kill()
+        sink.close()
+
+
 def test_second_sigterm_cuts_the_grace_period_short(tmp_path):
     sink = SinkServer()
     service = _small_service(tmp_path, sink, grace=8)

@@ -564,8 +564,9 @@ class Walker:
             yield XenopsQemuRecord(length, offset=at)
             yield from self._device_model_state(length)
             return False
-        if len(head) < len(c.QEMU_STATE_MAGIC):
-            raise InputEnded("the qemu state magic", len(c.QEMU_STATE_MAGIC), len(head), at + c.DM_SIGNATURE_LEN)
+        wanted = _XENOPS_QEMU_PEEK if head[:1] == b"\n" else len(c.QEMU_STATE_MAGIC)
+        if len(head) < wanted:  # a peek comes back short only at the end of input
+            raise InputEnded("the qemu record header", wanted, len(head), at + c.DM_SIGNATURE_LEN)
         if head[: len(c.QEMU_STATE_MAGIC)] != c.QEMU_STATE_MAGIC:
             raise MalformedStream(
                 f"qemu state after QemuDeviceModelRecord starts with {head[:4]!r}, not QEVM", at + c.DM_SIGNATURE_LEN

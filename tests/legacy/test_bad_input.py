@@ -255,3 +255,18 @@ def test_mutated_streams_raise_only_stream_errors(which, flips, cut):
         assert error.offset is not None and "\n" not in str(error)
     else:
         assert isinstance(events[-1], (ev.EndOfStream, ev.TrailingData, ev.XlGoMessage))
+
+
+@pytest.mark.parametrize("form", ["qemu", "xenops"])
+def test_truncation_at_every_byte_of_a_to_eof_or_xenops_qemu_record(form):
+    s = hb.minimal_hvm(32, dm=b"")
+    head = s.bytes()[: s.marks["dm"]]
+    record = b"QemuDeviceModelRecord" + (b"QEVM" + b"q" * 20 if form == "qemu" else b"\n" + struct.pack(">I", 8) + b"QEVMqqqq")
+    data = head + record
+    for cut in range(len(head) - 40, len(data)):
+        try:
+            events = parse_bytes(data[:cut])
+        except (TruncatedStream, DetectionError) as error:
+            assert error.offset <= cut
+        else:
+            assert form == "qemu" and cut >= len(head) + 25 and events[-1].reason == "device-model-to-eof"

@@ -257,3 +257,25 @@ def test_committed_v2_samples(path, facts):
         return
     (finding,) = report.errors
     assert finding.offset == facts["offset"] and facts["contains"] in finding.message, str(finding)
+
+
+MUTATION_BASES = [PV, libxl_hvm(xenstore=b"k\0v\0"), libxl_checkpointed_pv(2), xl(libxl(pv_stream(2)))]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from(range(len(MUTATION_BASES))),
+       edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.sampled_from(["set", "cut", "insert"])),
+                      min_size=1, max_size=4))
+def test_mutated_streams_give_findings_never_exceptions(base, edits):
+    data = bytearray(MUTATION_BASES[base])
+    for where, value, kind in edits:
+        pos = int(where * len(data)) & ~(7 if value & 1 else 0)  # record headers sit at multiples of 8
+        if kind == "set":
+            data[pos] = value
+        elif kind == "cut":
+            del data[pos:pos + (8 if value < 128 else 4096)]
+        else:
+            data[pos:pos] = bytes([value]) * 8
+    report = verify_bytes(bytes(data))
+    assert all("\n" not in line for line in report.lines())
+    assert report.ok or report.errors or report.dropped_errors

@@ -221,6 +221,7 @@ RULES = [
     # ---- xl header
     ("xl-big-endian-writer", xl_raw(libxl(pv_stream()), order=">"), {}, ERROR, "big-endian order"),
     ("xl-without-streamv2", xl_raw(libxl(pv_stream()), mflags=1), {}, ERROR, "lack STREAMv2"),
+    ("xl-without-streamv2-libxc-payload", xl_raw(pv_stream(), mflags=1), {}, ERROR, "lack STREAMv2"),
     ("xl-optional-flags", xl_raw(libxl(pv_stream()), optional_flags=4), {}, WARNING, "optional flags 0x4"),
     ("xl-no-config", xl_raw(libxl(pv_stream()), optional=b""), {}, WARNING, "no stored domain configuration"),
     ("xl-json-config-without-nul", xl_raw(libxl(pv_stream()), optional=struct.pack("<I", 2) + b"{}"), {}, WARNING,

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-vcpus", type=int, metavar="N", help="the target domain's vcpu count (vcpu ids must be below it)")
     parser.add_argument("--guest", choices=tuple(GUEST_TYPES), help="the type of the domain the stream is for")
     parser.add_argument("--max-findings", type=int, default=100, metavar="N", help="report at most N errors and N warnings")
+    parser.add_argument("--stop-at-end", action="store_true",
+                        help="stop reading at the outermost END (a live socket, or a migration capture with more after "
+                             "it); by default bytes after END are an error")
     parser.set_defaults(func=run)
 
 
@@ -32,7 +35,8 @@ def run(args) -> int:
     fd, owned = fdio.open_input_fd(args.input)
     try:
         report = verify_fd(fd, args.format, checkpointed=CHECKPOINTED[args.checkpointed], colo=args.colo,
-                           max_vcpus=args.max_vcpus, guest=args.guest, cap=args.max_findings)
+                           max_vcpus=args.max_vcpus, guest=args.guest, cap=args.max_findings,
+                           trailing=not args.stop_at_end)
     finally:
         if owned:
             os.close(fd)

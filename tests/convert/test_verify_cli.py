@@ -214,3 +214,10 @@ def test_drop_in_exits_1_on_toolstack_where_xens_script_exits_2(files):
 
     done = run(DROP_IN + ["-i", files("s", pv(record(TOOLSTACK, b"blob")))])
     assert done.returncode == 1 and b"TOOLSTACK is obsolete" in done.stderr
+
+
+def test_verify_trailing_bytes_and_stop_at_end(files):
+    path = files("s", xl(libxl(pv_stream())) + b"migration go message")
+    done = run(XENSTREAM + ["verify", path])
+    assert done.returncode == 1 and b"20 bytes after the end of the stream" in done.stdout
+    assert run(XENSTREAM + ["verify", "--stop-at-end", path]).returncode == 0

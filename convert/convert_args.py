@@ -17,7 +17,7 @@ def add_stream_options(parser, *, format_default: str | None = "libxc") -> None:
                         help="type of guest in the stream (default: detected)")
     parser.add_argument("-f", "--format", choices=FORMATS, default=format_default, metavar="<libxc|libxl>",
                         help="format of the outgoing stream" + (f" (default {format_default})" if format_default
-                                                                else " (default: libxl for xl save files, else libxc)"))
+                                                                else " (default: libxl for xl save files and HVM, else libxc)"))
     parser.add_argument("-x", "--xl", action="store_true", default=None,
                         help="an xl header is present in the stream (default: detected)")
     parser.add_argument("--skip-qemu", action="store_true", help="skip the qemu record after an HVM tail (libxc format)")

@@ -11,7 +11,8 @@ as it is produced: a reader of the output pipe sees the first records before the
 
 With ``verify=True`` the output is checked in the same pass: everything written is also fed to a v2
 reader in passthrough mode driving our verifier, and payload bytes that bypassed Python are only
-counted, never read back.
+counted, never read back. The check covers the v2 stream up to its outermost END (what follows it in
+libxc format, the v1 device-model record Xen's converter copies there, is not part of the stream).
 """
 
 from __future__ import annotations

@@ -84,7 +84,9 @@ log = structlog.get_logger()
 
 CONVERTER_VERSION = 1  # xen_minor of a converted stream: the converter's version, as Xen's writes it
 FORMATS = ("libxc", "libxl")
-AUTO_FORMAT = "auto"  # libxl for an xl save file (xl needs a libxl stream behind its header), else libxc
+# libxl for an xl save file (xl needs a libxl stream behind its header) and for HVM (only libxl carries
+# the device-model state inside the stream), else libxc.
+AUTO_FORMAT = "auto"
 _GUEST_TYPES = {"pv": C.DOMAIN_TYPE_X86_PV, "hvm": C.DOMAIN_TYPE_X86_HVM}
 _HVM_PARAM_STORE_PFN = 1
 _HVM_PARAM_IOREQ_PFN = 5
@@ -228,6 +230,8 @@ class Transformer:
 
     def _detected(self, event: ev.Detected) -> None:
         self._guest = event.guest
+        if self.options.fmt == AUTO_FORMAT and event.guest == "hvm":
+            self._libxl = True
 
     def _p2m_size_event(self, event: ev.P2mSize) -> None:
         self._p2m_size = event.p2m_size

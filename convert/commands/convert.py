@@ -2,7 +2,8 @@
 
 IN and OUT are paths, fd numbers, or '-' for stdin / stdout. The options are those of Xen's
 `convert-legacy-stream`; width, guest type and wrapper are detected when not given, and without
---format an xl save file becomes an xl save file of a libxl stream, anything else a libxc stream.
+--format an xl save file becomes an xl save file of a libxl stream, an HVM stream a libxl stream (the only
+layer that carries the device-model state), a PV stream a bare libxc stream.
 """
 
 from __future__ import annotations

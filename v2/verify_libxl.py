@@ -31,6 +31,7 @@ class LibxlRules:
     legacy: bool = False
     libxc_contexts: int = 0
     in_checkpoint: bool = False  # between a libxc CHECKPOINT and CHECKPOINT_END
+    checkpointed: bool = False  # a libxc CHECKPOINT has been seen
     group: set = attrs.field(factory=set)  # emulator record types seen since the libxc stream handed over
 
     def header(self, offset: int, header) -> None:
@@ -38,6 +39,7 @@ class LibxlRules:
 
     def libxc_checkpoint(self) -> None:
         self.in_checkpoint = True
+        self.checkpointed = True
         self.group = set()
 
     def record(self, offset: int, index: int, rtype: int, length: int, body) -> None:
@@ -60,7 +62,8 @@ class LibxlRules:
             self._error(offset, index, name, "second LIBXC_CONTEXT (libxl writes exactly one)")
 
     def _end(self, offset, index, name, length, body):
-        self._hvm_group_complete(offset, index, name, "stream")
+        if not self.checkpointed:  # a checkpointed stream's emulator state came with each CHECKPOINT_END
+            self._hvm_group_complete(offset, index, name, "stream")
 
     def _checkpoint_end(self, offset, index, name, length, body):
         self._hvm_group_complete(offset, index, name, "checkpoint")

@@ -53,6 +53,7 @@ XEN_VERIFIER_WRONG = {
     "xenstore-value-unprintable": "A20",
     # spec A13: Xen's verifier cannot follow checkpointed streams (no END, or libxl records after CHECKPOINT)
     "remus-libxc": "A13", "remus-libxl-pv": "A13", "colo-libxl-pv": "A13", "verify-in-checkpointed-stream": "A13",
+    "remus-libxl-hvm-ending-with-end": "A13",
     # spec 1.3/A4: Xen's restore skips unknown optional records; its verifier rejects them (we warn)
     "unknown-optional-record": "A4",
 }

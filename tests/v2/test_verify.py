@@ -12,7 +12,7 @@ from tests.v2.verify_builder import (
     HVM_PAGES, L1TAB, LIBXC_CONTEXT, NOTAB, PV_PAGES, STATIC_DATA_END, TOOLSTACK, VCPU_BASIC, VCPU_EXTENDED,
     VCPU_MSRS, VCPU_XSAVE, VERIFY, XL_END, XL_MAGIC, XTAB, basic_context, cpuid_policy, emulator, empty,
     hvm_checkpoint_tail, hvm_context, hvm_params, hvm_static, hvm_stream, libxc, libxl,
-    libxl_checkpointed_pv, libxl_header, libxl_hvm, msr_policy, p2m_frames, page_data, pv_checkpoint_records,
+    libxl_checkpointed_hvm, libxl_checkpointed_pv, libxl_header, libxl_hvm, msr_policy, p2m_frames, page_data, pv_checkpoint_records,
     pv_checkpoint_tail, pv_info, pv_pages, pv_static, pv_stream, rec, shared_info, tsc_info, vcpu, xl,
 )
 from xenstream.v2.verify import verify_bytes
@@ -264,6 +264,7 @@ VALID = {
     "remus-libxc-with-end": ckpt_libxc(end=True),
     "remus-libxl-pv": libxl_checkpointed_pv(3),
     "colo-libxl-pv": libxl_checkpointed_pv(2, colo=True),
+    "remus-libxl-hvm-ending-with-end": libxl_checkpointed_hvm(2) + empty(0) + empty(XL_END),  # libxc END, libxl END
     "live-with-verify-pass": pv(page_data(PV_PAGES[2:]), empty(VERIFY), page_data(PV_PAGES)),
     "hvm-context-before-params": hvm(),  # Xen's order, against the spec's sentence (spec A1)
     "hvm-params-in-two-records": hvm(tail=hvm_checkpoint_tail() + [hvm_params(((12, 2),))]),  # Xen's converter

@@ -14,6 +14,7 @@ import sys
 import syslog
 
 from xenstream.convert import edge, fdio, logsetup
+from xenstream.v2 import constants as C
 from xenstream.v2.events import Header, LibxcRecord, LibxlRecord
 from xenstream.v2.libxl_records import LibxlHeader, libxl_record_name
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
@@ -51,44 +52,42 @@ class Output:
 
 
 class Summary:
-    """Verbose mode's running description of the stream, one line per header or record."""
+    """Verbose mode's running description of the stream, one line per header or record (page data squashed)."""
 
     def __init__(self, output: Output):
         self.output = output
         self.squashed_pages = 0
 
     def __call__(self, event) -> None:
-        if isinstance(event, LibxcRecord) and event.type == 0x01:
+        if isinstance(event, LibxcRecord) and event.type == C.REC_PAGE_DATA:
             self.squashed_pages += 1
             return
         if self.squashed_pages:
             self.output.info(f"Squashed {self.squashed_pages} Page Data records together")
             self.squashed_pages = 0
-        line = self._line(event)
-        if line:
-            self.output.info(line)
+        describe = _EVENT_LINES.get(type(event))
+        if describe is not None:
+            self.output.info(describe(event))
 
-    @staticmethod
-    def _line(event) -> str | None:
-        if isinstance(event, LibxcRecord):
-            return f"Libxc Record: {libxc_record_name(event.type)}, length {event.length}"
-        if isinstance(event, LibxlRecord):
-            return f"Libxl Record: {libxl_record_name(event.type)}, length {event.length}"
-        if not isinstance(event, Header):
-            return None
-        header = event.header
-        if isinstance(header, XlHeader):
-            return "Processed xl header"
-        if isinstance(header, LibxlHeader):
-            return "Libxl Header: little endian" + (", legacy converted" if header.legacy else "")
-        if isinstance(header, ImageHeader):
-            return f"Libxc Image Header: Version {header.version}, little endian"
-        if isinstance(header, DomainHeader):
-            guest = "x86 " + GUEST_NAMES.get(header.guest_type, "?")
-            if header.converted_from_legacy:
-                return f"Domain Header: legacy converted {guest}"
-            return f"Domain Header: {guest} from Xen {header.xen_major}.{header.xen_minor}"
-        return None
+
+def _domain_header_line(header: DomainHeader) -> str:
+    guest = "x86 " + GUEST_NAMES.get(header.guest_type, "?")
+    if header.converted_from_legacy:
+        return f"Domain Header: legacy converted {guest}"
+    return f"Domain Header: {guest} from Xen {header.xen_major}.{header.xen_minor}"
+
+
+_HEADER_LINES = {
+    XlHeader: lambda header: "Processed xl header",
+    LibxlHeader: lambda header: "Libxl Header: little endian" + (", legacy converted" if header.legacy else ""),
+    ImageHeader: lambda header: f"Libxc Image Header: Version {header.version}, little endian",
+    DomainHeader: _domain_header_line,
+}
+_EVENT_LINES = {
+    Header: lambda event: _HEADER_LINES[type(event.header)](event.header),
+    LibxcRecord: lambda event: f"Libxc Record: {libxc_record_name(event.type)}, length {event.length}",
+    LibxlRecord: lambda event: f"Libxl Record: {libxl_record_name(event.type)}, length {event.length}",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

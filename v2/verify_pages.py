@@ -12,10 +12,18 @@ DUPLICATE_CHECK_LIMIT = 1 << 16
 TABLE_TYPES = tuple(level | pin for level in (1, 2, 3, 4) for pin in (0, PAGETYPE_LPINTAB))
 
 
+RUN_CHUNK = 4096
+
+
 def is_ascending_run(pfns: tuple[int, ...]) -> bool:
-    """pfns are first, first+1, ..., the saver's usual batch; recognising it costs one tuple comparison."""
+    """pfns are first, first+1, ..., the saver's usual batch; recognising it costs one tuple comparison
+    per RUN_CHUNK entries (never a comparison tuple as long as a huge record)."""
     first = pfns[0]
-    return pfns[-1] - first == len(pfns) - 1 and pfns == tuple(range(first, first + len(pfns)))
+    count = len(pfns)
+    if pfns[-1] - first != count - 1:
+        return False
+    return all(pfns[i:i + RUN_CHUNK] == tuple(range(first + i, first + min(i + RUN_CHUNK, count)))
+               for i in range(0, count, RUN_CHUNK))
 
 
 def first_duplicate(pfns: tuple[int, ...], ascending_run: bool) -> int | None:

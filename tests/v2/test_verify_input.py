@@ -279,3 +279,13 @@ def test_mutated_streams_give_findings_never_exceptions(base, edits):
     report = verify_bytes(bytes(data))
     assert all("\n" not in line for line in report.lines())
     assert report.ok or report.errors or report.dropped_errors
+
+
+def test_ascending_run_detection_across_chunks():
+    from xenstream.v2.verify_pages import RUN_CHUNK, is_ascending_run
+
+    run = tuple(range(7, 7 + 3 * RUN_CHUNK + 5))
+    assert is_ascending_run(run)
+    swapped = run[:RUN_CHUNK * 2] + (run[RUN_CHUNK * 2 + 1], run[RUN_CHUNK * 2]) + run[RUN_CHUNK * 2 + 2:]
+    assert not is_ascending_run(swapped)
+    assert is_ascending_run((5,)) and not is_ascending_run((5, 5))

@@ -22,10 +22,12 @@ Stream order (spec 0.3). ``[...]`` optional, ``*`` repeated:
     checkpoint*:
         body: (PageBatch [PageData*] | <chunk event> | CompressedData DecodedPages*)*  EndOfBody
         PV tail:  UnmappedPfns, (VcpuBasic [VcpuExtended] [VcpuXsave])*, SharedInfo
-        HVM tail: HvmMagicPfns, HvmContext, [DeviceModelRecord DeviceModelData* DeviceModelEnd]
+        HVM tail: HvmMagicPfns, HvmContext, DeviceModelRecord DeviceModelData* DeviceModelEnd
+                  (DeviceModelRecord is one of DeviceModelRecord0002, RemusDeviceModelState,
+                  QemuDeviceModelRecord, XenopsQemuRecord)
         CheckpointEnd                                        not wire
-    [XlGoMessage] [TrailingData*]
     EndOfStream                                              not wire
+    [XlGoMessage] [TrailingData*]                            only if input follows the logical end
 
 Chunk events: EnableVerifyMode (-1), VcpuInfo (-2), HvmParam (-3 -4 -8 -10 -11 -14..-17 -19..-21),
 Tmem* (-5), TmemExtra* (-6), TscInfo (-7), LastCheckpoint (-9), CompressedData (-12),
@@ -34,8 +36,8 @@ EnableCompression (-13), Toolstack (-18).
 Page payloads. A `PageBatch` holds the raw `pfn_type` entries (`array.array`, one int per entry, type
 nibble in bits 28-31) and either
 
-* ``payload``: a read-only memoryview of its ``payload_length`` bytes of page data (buffered mode;
-  never a copy of the stream bytes), or
+* ``payload``: a read-only memoryview of its ``payload_length`` bytes of page data (buffered mode: a
+  view of the fed bytes, joined once only when the batch straddles two fed chunks), or
 * ``payload is None``: the payload follows in the stream (passthrough mode, see the parser), or is
   carried by later COMPRESSED_DATA chunks when ``compressed`` (then ``payload_length == 0``).
 """

@@ -112,6 +112,7 @@ class Verifier:
                 self.report.add(Finding(ERROR, offset, self.layer, None, "end of input",
                                         f"{trailing_bytes} bytes after the end of the stream"))
         self.report.checkpoints = self.libxc.checkpoints
+        self.report.pages = self.libxc.pages
         return self.report
 
     # ---- events --------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class LibxcRules:
     basic_vcpus: dict = attrs.field(factory=dict)  # vcpu_id -> Basic
     hvm_context_seen: bool = False
     any_pages: bool = False
+    pages: int = 0  # page payloads carried (every pass and checkpoint counted)
 
     # ---- headers -------------------------------------------------------------------------------
 
@@ -366,6 +367,7 @@ class LibxcRules:
         if self.current.vcpu_state_seen:
             self._warn(offset, index, name, "memory after vcpu state in the same checkpoint")
         self.any_pages = True
+        self.pages += body.page_count
 
     # ---- completeness ------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ class Report:
     version: int | None = None
     checkpoints: int = 0
     records: int = 0
+    pages: int = 0
     bytes_read: int = 0
 
     @property
@@ -84,6 +85,7 @@ class Report:
             "guest_type": self.guest_type,
             "version": self.version,
             "records": self.records,
+            "pages": self.pages,
             "checkpoints": self.checkpoints,
             "bytes": self.bytes_read,
             "broken": self.broken,

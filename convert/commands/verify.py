@@ -55,4 +55,4 @@ def summary(report) -> str:
     what = " ".join(str(x) for x in (report.format, f"v{report.version}" if report.version else None, report.guest_type) if x)
     checkpoints = f", {report.checkpoints} checkpoints" if report.checkpoints else ""
     counts = f"{len(report.errors) + report.dropped_errors} errors, {len(report.warnings) + report.dropped_warnings} warnings"
-    return f"{verdict}: {what or 'unrecognised'} stream, {report.records} records{checkpoints}; {counts}"
+    return f"{verdict}: {what or 'unrecognised'} stream, {report.records} records, {report.pages} pages{checkpoints}; {counts}"

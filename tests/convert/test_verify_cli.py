@@ -39,7 +39,7 @@ def files(tmp_path):
 def test_verify_valid_file(files):
     done = run(XENSTREAM + ["verify", files("s", xl(libxl(pv_stream())))])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.decode().splitlines() == ["valid: xl v3 PV stream, 13 records; 0 errors, 0 warnings"]
+    assert done.stdout.decode().splitlines() == ["valid: xl v3 PV stream, 13 records, 4 pages; 0 errors, 0 warnings"]
 
 
 def test_verify_reports_each_finding_on_one_line_and_exits_1(files):
@@ -58,6 +58,7 @@ def test_verify_json(files):
     assert done.returncode == 0
     report = json.loads(done.stdout)
     assert report["valid"] and report["format"] == "libxl" and report["checkpoints"] == 2
+    assert report["pages"] == 4 + 1  # the first checkpoint's 4 pages, then one dirty page
     assert report["errors"] == [] and report["warnings"] == []
 
 

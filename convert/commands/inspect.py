@@ -28,7 +28,11 @@ INSPECTORS: dict[str, Callable] = {
 
 
 def detect_format(head: bytes) -> str:
-    """'v2' for xl (with the STREAMv2 flag), libxl and libxc v2 headers, 'v1' for anything else."""
+    """'v2' for xl (with the STREAMv2 flag), libxl and libxc v2 headers, 'v1' for anything else.
+
+    A libxc image header with a damaged marker but the 'XENF' id in place still counts as v2, so that the
+    v2 reader, not a legacy parser, reports what is wrong with it.
+    """
     if head.startswith(V2.XL_MAGIC):
         if len(head) < 40:
             return "v2"  # too short to tell; the v2 reader reports the truncation
@@ -36,6 +40,8 @@ def detect_format(head: bytes) -> str:
         (mandatory,) = struct.unpack_from(order + "I", head, 36)
         return "v2" if mandatory & V2.XL_FLAG_STREAMV2 else "v1"
     if head[:8] in (struct.pack(">Q", V2.LIBXL_IDENT), struct.pack(">Q", V2.IMAGE_MARKER)):
+        return "v2"
+    if head[8:12] == struct.pack(">I", V2.IMAGE_ID):
         return "v2"
     return "v1"
 

@@ -8,6 +8,8 @@ import struct
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.convert.v2state import convert_bytes, has_end_record, partial_output, restored_state
 from xenstream.convert.transform import ConvertOptions, Payload, Transformer
@@ -18,7 +20,7 @@ from xenstream.legacy.parser import parse_bytes
 from xenstream.v2 import constants as C
 from xenstream.v2.events import LibxlRecord
 from xenstream.v2.reader import V2Reader
-from xenstream.v2.writer import V2Writer
+from xenstream.v2.writer import V2Writer, encode_page_data_header
 
 PV = dict(guest="pv", pages=20, holes=1, vcpus=2)
 HVM = dict(guest="hvm", pages=8, holes=1, device_model_size=700)
@@ -216,3 +218,21 @@ def test_widths_and_guest_detected(tmp_path, fmt):
         detected, _ = convert_bytes(stream, tmp_path, fmt=fmt)
         given, _ = convert_bytes(stream, tmp_path, fmt=fmt, parser_options={"width": width, "guest": "pv"})
         assert detected == given
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), width=st.sampled_from([32, 64]))
+def test_page_data_head_is_the_v2_writers(data, width):
+    """The transformer's fast PAGE_DATA head equals v2.writer.encode_page_data_header for the same entries."""
+    types = st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x4, 0x8, 0x9, 0xA, 0xB, 0xC, 0xD, 0xE, 0xF])
+    pfns = data.draw(st.lists(st.integers(0, 0x0FFFFFFF), min_size=1, max_size=1024, unique=True))
+    page_types = data.draw(st.lists(types, min_size=len(pfns), max_size=len(pfns)))
+    entries = array.array("Q" if width == 64 else "I", [(t << 28) | p for p, t in zip(pfns, page_types)])
+    entries.extend([0xF0000000] * data.draw(st.integers(0, 3)))  # bare XTAB entries are dropped
+    batch = ev.PageBatch(entries=entries, payload=None)
+    sink = io.BytesIO()
+    transformer = Transformer(V2Writer(sink), ConvertOptions())
+    transformer.handle(ev.Detected(wrapper="none", width=width, guest="pv"))
+    transformer.handle(batch)
+    expected_types = [0 if t == 0x8 else t for t in page_types]
+    assert sink.getvalue() == encode_page_data_header(pfns, expected_types)

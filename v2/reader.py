@@ -136,7 +136,7 @@ class V2Reader:
             self._eof = True
             return
         if self._end_event is not None:
-            self._dropped_trailing += len(data)
+            self._dropped_trailing += memoryview(data).nbytes
             return
         pos = self._pos
         buf = self._buf

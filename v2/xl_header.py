@@ -48,8 +48,8 @@ class XlHeader:
 
     @property
     def config(self) -> bytes | None:
-        """The stored domain configuration, None when there is none."""
-        if not self.optional_data:
+        """The stored domain configuration (cut to the optional data), None when there is none."""
+        if len(self.optional_data) < 4:
             return None
         (length,) = _CONFIG_LEN[self.byteorder].unpack_from(self.optional_data)
         return self.optional_data[4 : 4 + length]

@@ -59,3 +59,15 @@ def test_byte_by_byte_agrees(stream):
 def test_non_strict_reader_agrees_on_clean_streams(stream, sizes):
     data, _ = stream
     assert read_events(chunked(data, sizes), strict=False) == read_events([data])
+
+
+@settings(max_examples=60, deadline=None)
+@given(stream=streams(), read_size=st.integers(1, 9000), move_directly=st.booleans())
+def test_passthrough_driver_agrees_with_views(stream, read_size, move_directly):
+    from tests.v2.test_reader_layers import drive_passthrough
+
+    data, _ = stream
+    views = read_events([data])
+    events, payload = drive_passthrough(data, read_size, move_directly)
+    assert events == [e for e in views if not isinstance(e, tuple)]
+    assert payload == b"".join(e[3] for e in views if isinstance(e, tuple))

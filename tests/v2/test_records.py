@@ -106,3 +106,8 @@ def test_xl_header_byte_orders_and_config():
     assert big.pack()[32:36] == bytes.fromhex("01020304")
     assert XlHeader.unpack(big.pack()).config == b"{}\0"
     assert XlHeader().config is None and XlHeader().size == 48
+
+
+def test_xl_config_of_odd_optional_data():
+    assert XlHeader(optional_data=b"ab").config is None
+    assert XlHeader(optional_data=struct.pack("<I", 10) + b"abc").config == b"abc"

@@ -461,10 +461,10 @@ class V2Reader:
 
     def _read_page_data(self, length: int, start: int):
         pos = self._pos
-        if not self._have(16, start, "PAGE_DATA record head"):
-            return NEED_DATA
         if length < 8:
             raise MalformedStream(f"PAGE_DATA length {length} too short for its count", start)
+        if not self._have(16, start, "PAGE_DATA record head"):
+            return NEED_DATA
         try:
             count = PageData.unpack_count(self._view(pos + 8, 8), self._strict)
         except BodyError as exc:

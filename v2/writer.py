@@ -38,7 +38,7 @@ import struct
 from xenstream.hv.abi import PAGE_SIZE
 from xenstream.v2 import constants as C
 from xenstream.v2.libxl_records import LibxlHeader
-from xenstream.v2.records import DomainHeader, ImageHeader, data_page_count, join_pfn_words
+from xenstream.v2.records import DomainHeader, ImageHeader, PageData, data_page_count, join_pfn_words
 from xenstream.v2.xl_header import XlHeader
 
 _RECORD_HEADER = struct.Struct("<II")
@@ -146,6 +146,8 @@ class V2Writer:
 
     def record(self, record) -> None:
         """A libxc record object (any class of xenstream.v2.records except PageData and Toolstack)."""
+        if isinstance(record, PageData):
+            raise TypeError("PAGE_DATA goes through page_data() or page_data_header(), with its payload")
         self.write(encode(record))
 
     def libxl_record(self, record) -> None:

@@ -314,3 +314,8 @@ def test_trailing_bytes_are_counted_not_parsed():
 def test_messages_are_one_line_with_offset():
     error = error_of(patched(GOOD, 8, b"XENG"))
     assert str(error).startswith("offset 0x0: ") and "\n" not in str(error)
+
+
+def test_page_data_too_short_for_its_count_at_end_of_input():
+    error = error_of(libxc_stream(encode_record(1, b""), end=False))
+    assert isinstance(error, MalformedStream) and error.offset == PV_INFO_AT

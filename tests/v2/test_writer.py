@@ -160,3 +160,11 @@ def test_positions_are_aligned_per_layer():
 def test_nothing_is_written_implicitly():
     out = file_output(lambda w: (w.image_header(), w.domain_header(R.DomainHeader(guest_type=1)), w.record(R.X86PvInfo(8, 4))))
     assert len(out) == 24 + 16 + 16 and out.endswith(encode_record(2, R.X86PvInfo(8, 4).pack()))
+
+
+def test_page_data_only_through_page_data_methods():
+    w = V2Writer(io.BytesIO())
+    with pytest.raises(TypeError):
+        w.record(R.PageData([1], [0]))
+    with pytest.raises(TypeError):
+        w.record(R.Toolstack(b"obsolete"))

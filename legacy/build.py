@@ -121,6 +121,8 @@ class BuildOptions:
             raise ValueError(f"device_model must be one of {tuple(DEVICE_MODEL_RECORDS)}")
         if self.checkpoints < 1:
             raise ValueError("a stream has at least one checkpoint")
+        if self.vcpus < 1 or (self.max_vcpus or self.vcpus) < self.vcpus:
+            raise ValueError("a guest has at least one vcpu, and max_vcpus at least vcpus")
         if self.compression and not self.checkpointed:
             raise ValueError("checkpoint compression exists only in Remus streams")
         if self.guest == "hvm" and self.device_model == "QemuDeviceModelRecord" and self.checkpoints > 1:
@@ -211,6 +213,21 @@ class _HvmGuest:
                 if values.get(chunk) and options.xen_version >= HVM_PARAM_SINCE[chunk]]
 
 
+def _xl_header(flags: int, config: bytes) -> ev.XlHeader:
+    return ev.XlHeader(flags, 0, struct.pack("<I", len(config)) + config)
+
+
+_WRAPPER_EVENTS = {
+    "xl": lambda name, guest, kib, vcpus: _xl_header(c.XL_FLAG_JSON, xl_json_config(name, guest, kib, vcpus)),
+    "xl-text": lambda name, guest, kib, vcpus: _xl_header(0, xl_text_config(name, guest, kib, vcpus)),
+    "xend": lambda name, guest, kib, vcpus: ev.XendHeader(
+        f"(domain (domid 7) (name {name}) (memory {kib // 1024}) (vcpus {vcpus}))".encode()),
+    "libvirt": lambda name, guest, kib, vcpus: ev.LibvirtHeader(
+        c.LIBVIRT_VERSION_V1, f"<domain type='xen'><name>{name}</name><memory>{kib}</memory></domain>\n\0".encode()),
+    "xenops": lambda name, guest, kib, vcpus: ev.XenopsHeader(),
+}
+
+
 class _StreamBuilder:
     def __init__(self, options: BuildOptions, reuse_buffers: bool):
         self.o = options
@@ -232,8 +249,6 @@ class _StreamBuilder:
         self.populated = populated
         self.generation = dict.fromkeys(populated, 0)
         self.max_vcpu_id = (options.max_vcpus or options.vcpus) - 1
-        if self.max_vcpu_id < options.vcpus - 1:
-            raise ValueError("max_vcpus must be at least vcpus")
         self.online = list(range(options.vcpus))
         # Sent again in every dirty pass without having changed (the saver's dirty log over-reports):
         # what makes EMPTY encodings in compressed checkpoints.
@@ -282,22 +297,11 @@ class _StreamBuilder:
 
     def _wrapper(self):
         o = self.o
+        if o.wrapper == "none":
+            return
+        guest_name = f"guest{o.seed}"
         memory_kib = len(self.populated) * 4
-        name = f"guest{o.seed}"
-        if o.wrapper == "xl":
-            config = xl_json_config(name, o.guest, memory_kib, o.vcpus)
-            yield ev.XlHeader(c.XL_FLAG_JSON, 0, struct.pack("<I", len(config)) + config)
-        elif o.wrapper == "xl-text":
-            config = xl_text_config(name, o.guest, memory_kib, o.vcpus)
-            yield ev.XlHeader(0, 0, struct.pack("<I", len(config)) + config)
-        elif o.wrapper == "xend":
-            config = f"(domain (domid 7) (name {name}) (memory {memory_kib // 1024}) (vcpus {o.vcpus}))"
-            yield ev.XendHeader(config.encode())
-        elif o.wrapper == "libvirt":
-            xml = f"<domain type='xen'><name>{name}</name><memory>{memory_kib}</memory></domain>\n"
-            yield ev.LibvirtHeader(c.LIBVIRT_VERSION_V1, xml.encode() + b"\0")
-        elif o.wrapper == "xenops":
-            yield ev.XenopsHeader()
+        yield _WRAPPER_EVENTS[o.wrapper](guest_name, o.guest, memory_kib, o.vcpus)
 
     def _extended_info(self) -> ev.ExtendedInfo:
         blocks = [ev.ExtendedInfoBlock(c.EXT_BLOCK_VCPU, self.guest.vcpu_context(0, canonical=False)),

@@ -284,7 +284,7 @@ def test_reused_buffers_write_the_same_bytes():
 
 @pytest.mark.parametrize("bad", [dict(compression=True), dict(width=16), dict(guest="arm"),
                                  dict(guest="hvm", checkpoints=2, device_model="QemuDeviceModelRecord"),
-                                 dict(wrapper="zip"), dict(checkpoints=0)])
+                                 dict(wrapper="zip"), dict(checkpoints=0), dict(vcpus=3, max_vcpus=2)])
 def test_impossible_options_rejected(bad):
     with pytest.raises(ValueError):
         BuildOptions(**bad)

@@ -166,7 +166,8 @@ def test_nonzero_padding():
     "record, patch_at, new, text",
     [
         (page_data_record([1], [0]), 12, b"\x01", "reserved"),  # PAGE_DATA reserved word
-        (page_data_record([1], [0]), 16 + 6, b"\x10", "reserved bits"),  # pfn bits 52-59
+        (page_data_record([1], [0]), 16 + 6, b"\x10", "reserved bits"),  # pfn bits 52-55
+        (page_data_record([1], [0]), 16 + 7, b"\x01", "reserved bits"),  # pfn bits 56-59
         (R.X86PvVcpuBasic(0, b"x" * 8), 12, b"\x01", "reserved"),
         (R.X86TscInfo(), 8 + 20, b"\x01", "reserved"),
         (R.HvmParams([(1, 2)]), 12, b"\x01", "reserved"),

@@ -111,3 +111,26 @@ def test_xl_header_byte_orders_and_config():
 def test_xl_config_of_odd_optional_data():
     assert XlHeader(optional_data=b"ab").config is None
     assert XlHeader(optional_data=struct.pack("<I", 10) + b"abc").config == b"abc"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, (1 << 60) - 1), st.sampled_from([0, 1, 2, 3, 4, 9, 0xA, 0xB, 0xC, 0xD, 0xE, 0xF])), min_size=1, max_size=40))
+def test_pfn_words_decode_like_the_arithmetic_definition(entries):
+    words = [(t << 60) | low for low, t in entries]  # low may carry reserved bits 52-59
+    raw = struct.pack(f"<{len(words)}Q", *words)
+    record = R.PageData.unpack_words(memoryview(raw), len(words), strict=False)
+    assert record.pfns == tuple(w & 0x000FFFFFFFFFFFFF for w in words)
+    assert record.types == tuple(w >> 60 for w in words)
+    has_reserved = any(w & 0x0FF0000000000000 for w in words)
+    if has_reserved:
+        with pytest.raises(R.BodyError, match="reserved bits"):
+            R.PageData.unpack_words(memoryview(raw), len(words), strict=True)
+    else:
+        assert R.PageData.unpack_words(memoryview(raw), len(words)) == record
+
+
+@pytest.mark.parametrize("bad_type", [5, 6, 7, 8])
+def test_invalid_page_type_names_the_entry(bad_type):
+    raw = struct.pack("<3Q", 1, (bad_type << 60) | 0x77, 2)
+    with pytest.raises(R.BodyError, match=f"entry 1 \\(pfn 0x77\\) has invalid page type {bad_type:#x}"):
+        R.PageData.unpack_words(memoryview(raw), 3)

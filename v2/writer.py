@@ -16,17 +16,20 @@ file object (``write`` per buffer). Nothing is written implicitly; in particular
 the caller asks (a failed run must never look complete)::
 
     w = V2Writer(fd)
-    w.xl_header(XlHeader.with_config(b"{}\\0"))        # optional
-    w.libxl_header()                                   # optional (LibxlHeader options=...)
+    w.xl_header(XlHeader.with_config(b"{}\\0"))           # optional
+    w.libxl_header(LibxlHeader())                       # optional
     w.libxl_record(LibxcContext())
-    w.image_header(version=3); w.domain_header(DomainHeader(guest_type=1))
+    w.image_header(ImageHeader(version=3))
+    w.domain_header(DomainHeader(guest_type=1, xen_major=4, xen_minor=17))
     w.record(X86PvInfo(8, 4)); w.record(StaticDataEnd()); ...
-    w.page_data(pfns, types, payloads)                 # payloads: buffers of whole pages, in order
-    n = w.page_data_header(pfns, types)                # split form: writes the head, returns the payload
-    ...caller moves n bytes itself...; w.payload_written(n)   # byte count the caller must move next
-    w.record(End()); w.libxl_record(LibxlEnd())
+    w.page_data(pfns, types, payloads)                  # payloads: buffers of whole pages, in order
+    n = w.page_data_header(pfns, types)                 # split form: writes the head, returns the
+    ...the caller writes n payload bytes itself...      # payload size; the caller then reports it:
+    w.payload_written(n)
+    w.record(End()); w.libxl_record(LibxlEnd())         # only when the caller decides
 
-``w.position`` is the number of bytes written so far; ``w.stream_position(layer)`` the bytes written since
+``w.write(*buffers)`` writes raw bytes-like objects (counted). ``w.position`` is the number of bytes
+written so far; ``w.stream_position(layer)`` the bytes written since
 the start of the current libxc/libxl/xl layer stream (0 mod 8 at every record boundary of that layer).
 """
 

@@ -17,6 +17,7 @@ from xenstream.hv.abi import (
     PAGETYPE_L1TAB,
     PAGETYPE_L4TAB,
     PAGETYPE_NOTAB,
+    PAGETYPE_XALLOC,
     pagetype_has_data,
 )
 from xenstream.legacy import constants as c
@@ -321,13 +322,18 @@ class _StreamBuilder:
             yield self.tsc
             yield from self._pass(every_pfn, dirty=False)
         else:
-            yield from self._pass(every_pfn, dirty=False)
+            # HVM saves (superpage mode) send pages the guest dirtied again during the first live pass
+            # as XALLOC: allocate now, contents in the next pass (Xen 4.2+).
+            dirty_next = self._dirty_set()
+            allocate_only = set(dirty_next[::2]) if not self.pv and o.xen_version >= (4, 2) else set()
+            yield from self._pass(every_pfn, dirty=False, allocate_only=allocate_only)
             for _ in range(max(o.live_iterations, 1) - 1):
-                yield from self._pass(self._dirty_set())
+                yield from self._pass(dirty_next)
+                dirty_next = self._dirty_set()
             if o.tmem:
                 yield from self._tmem_extra()
             yield self.tsc
-            yield from self._pass(self._dirty_set())
+            yield from self._pass(dirty_next)
         if o.verify_pass:
             yield ev.EnableVerifyMode()
             yield from self._pass(every_pfn, dirty=False)
@@ -405,11 +411,13 @@ class _StreamBuilder:
             if pfn in self.generation and pfn != self.resent_unchanged:
                 self.generation[pfn] += 1
 
-    def _entry(self, pfn: int) -> int:
+    def _entry(self, pfn: int, allocate_only=frozenset()) -> int:
         if pfn in self.holes:
             return c.XTAB_ENTRY
         if pfn in self.broken:
             return (PAGETYPE_BROKEN << c.TYPE_SHIFT) | pfn
+        if pfn in allocate_only:
+            return (PAGETYPE_XALLOC << c.TYPE_SHIFT) | pfn
         page_type = self.guest.page_type(pfn) if self.pv else PAGETYPE_NOTAB
         return (page_type << c.TYPE_SHIFT) | pfn
 
@@ -432,13 +440,14 @@ class _StreamBuilder:
     def _entries_array(self, entries: list[int]) -> array.array:
         return array.array("Q" if self.o.width == 64 else "I", entries)
 
-    def _pass(self, pfns, dirty: bool = True):
+    def _pass(self, pfns, dirty: bool = True, allocate_only=frozenset()):
         """One Format A pass: the given PFNs sent with their current contents, first rewritten by the
-        guest when they are `dirty` (a pass over pages dirtied since the previous one)."""
+        guest when they are `dirty` (a pass over pages dirtied since the previous one); PFNs in
+        `allocate_only` go as data-less XALLOC entries."""
         if dirty:
             self._bump_generations(pfns)
         for batch in self._batches(pfns):
-            entries = [self._entry(pfn) for pfn in batch]
+            entries = [self._entry(pfn, allocate_only) for pfn in batch]
             data_pfns = [pfn for pfn, entry in zip(batch, entries) if pagetype_has_data(entry >> c.TYPE_SHIFT)]
             if not data_pfns and all(entry == c.XTAB_ENTRY for entry in entries):
                 continue

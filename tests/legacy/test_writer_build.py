@@ -321,3 +321,17 @@ def test_xen_40_streams_lack_the_later_elements():
 def test_features_a_version_lacks_are_rejected(version, feature):
     with pytest.raises(ValueError, match="savers wrote no"):
         BuildOptions(xen_version=version, **feature)
+
+
+def test_live_hvm_first_pass_sends_redirtied_pages_as_xalloc():
+    events = _events(guest="hvm", pages=300, seed=6, live_iterations=2)
+    batches = [e for e in events if isinstance(e, ev.PageBatch)]
+    first_pass = [b for b in batches if b.entries[0] & 0x0FFFFFFF == 0][0]
+    xalloc = {entry & 0x0FFFFFFF for entry in first_pass.entries if entry >> 28 == 0xE}
+    assert xalloc
+    later = set().union(*({entry & 0x0FFFFFFF for entry in b.entries if entry >> 28 == 0} for b in batches[1:]))
+    assert xalloc <= later
+    for options in (dict(guest="pv", live_iterations=2), dict(guest="hvm", live_iterations=2, xen_version=(4, 1),
+                                                              toolstack=False)):
+        assert not any(entry >> 28 == 0xE for e in _events(seed=6, **options) if isinstance(e, ev.PageBatch)
+                       for entry in e.entries)

@@ -127,10 +127,10 @@ def _readme(built: dict) -> str:
 
 CONVERTER_NOTES = [
     "Asserted by `tests/interop/test_legacy_samples_xen.py` (run with `-w <width> -g <pv|hvm>`; outputs",
-    "checked with Xen's `verify-stream-v2`). Accepted and verified, `-f libxc` and `-f libxl`: `pv64`,",
-    "`pv32-tools32`, `pv32-on-tools64`, `pv64-on-tools32`, `pv64-live`, `pv64-verify`, `pv64-broken-noxsave`,",
-    "`hvm64`, `hvm32-tools32`, `hvm64-x87` excepted (below). `pv64-remus` is accepted but only checkpoint 1",
-    "is converted: the rest of the input is silently ignored.",
+    "checked with Xen's `verify-stream-v2`). Accepted and verified with `-f libxc` and `-f libxl` (HVM also",
+    "with `-f libxc --skip-qemu`): `pv64`, `pv32-tools32`, `pv32-on-tools64`, `pv64-on-tools32`, `pv64-live`,",
+    "`pv64-verify`, `pv64-broken-noxsave`, `hvm64`, `hvm32-tools32`. `pv64-remus` is accepted, but only its",
+    "checkpoint 1 is converted: the rest of the input is silently ignored.",
     "",
     "Rejected, by design or by Xen's Python 3 bugs:",
     "",

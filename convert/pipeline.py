@@ -33,8 +33,6 @@ from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser
 from xenstream.v2 import events as v2events
 from xenstream.v2.errors import StreamError as V2StreamError
 from xenstream.v2.reader import V2Reader
-from xenstream.v2.verify import Verifier
-from xenstream.v2.verify_report import Report
 from xenstream.v2.writer import V2Writer
 
 log = structlog.get_logger()
@@ -55,6 +53,8 @@ class InlineVerifier:
     """Our v2 verifier over the bytes as they are written; external payload bytes are only counted."""
 
     def __init__(self, checkpointed: bool):
+        from xenstream.v2.verify import Verifier  # only --verify pays for importing the rules
+
         self.reader = V2Reader(layer="auto", payload="passthrough", strict=True)
         self.verifier = Verifier(fmt="auto", checkpointed=checkpointed)
         self._failed = False
@@ -94,7 +94,7 @@ class InlineVerifier:
             self._failed = True
             self.verifier.stream_error(exc)
 
-    def finish(self) -> Report:
+    def finish(self):
         if not self._failed:
             self.reader.feed(b"")
             self._pump()
@@ -184,7 +184,7 @@ class ConvertResult:
     bytes_out: int
     seconds: float
     moved_by: dict
-    report: Report | None
+    report: object | None  # xenstream.v2.verify_report.Report with verify=True
 
 
 def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOptions(), *,

@@ -175,9 +175,9 @@ class Transformer:
         self._device_model_signature = b""
         self._held: _Closing | None = None
         self._tsc: rec.X86TscInfo | None = None
-        # The provisional checkpoint's entries: (pfn, type) in stream order; data pages are journalled
-        # in the same order.
-        self._journal: list[tuple[int, int]] = []
+        # The provisional checkpoint's entries as v2 pfn words, in stream order (8 bytes each: a checkpoint
+        # may dirty the whole guest); its data pages are journalled in the same order.
+        self._journal = array.array("Q")
         # Per-pfn type of the spooled state: 0 = not spooled, else type + 1.
         self._state_types = bytearray()
         self._tmem_pages = 0
@@ -262,7 +262,7 @@ class Transformer:
     def _page_batch(self, event: ev.PageBatch) -> Payload:
         words = _v2_pfn_words(event.entries, event.offset)
         if event.compressed:  # Format B: the pages come as DecodedPages
-            self._journal.extend(_pfns_and_types(words))
+            self._journal.frombytes(words)
             return Payload.NOWHERE
         self._pages += event.data_pages
         if self._checkpoint == 1:
@@ -273,7 +273,7 @@ class Transformer:
                 self.writer.write(_PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, length, len(words) // 8, 0), words)
             self._destination = Payload.OUTPUT
         else:
-            self._journal.extend(_pfns_and_types(words))
+            self._journal.frombytes(words)
             self._destination = Payload.JOURNAL
         if event.payload is not None:
             self._page_data(ev.PageData(data=event.payload))
@@ -407,7 +407,7 @@ class Transformer:
             self._discarded_offset = event.discarded_offset
             log.warning("incomplete final checkpoint dropped, as the restorer drops it",
                         checkpoint=self._checkpoint, offset=event.discarded_offset)
-            self._journal = []
+            self._journal = array.array("Q")
             if self._spool is not None:
                 self._spool.journal_reset()
         if self._held is None:
@@ -423,41 +423,51 @@ class Transformer:
         """Fold the just-completed checkpoint into the spooled state."""
         types = self._state_types
         offset = 0
-        for pfn, page_type in self._journal:
+        for word in self._journal:
+            pfn, page_type = word & C.PFN_MASK, word >> C.PFN_TYPE_SHIFT
             if pfn >= len(types):
                 types.extend(bytes(pfn + 1 - len(types)))
             types[pfn] = page_type + 1
             if pagetype_has_data(page_type):
                 self.spool.store_from_journal(pfn, offset)
                 offset += PAGE_SIZE
-        self._journal = []
-        if self._spool is not None:
-            self._spool.journal_reset()
+        self._reset_journal()
 
     def _write_journal(self) -> None:
         """Write the just-completed checkpoint's pages as PAGE_DATA records."""
         offset = 0
         for start in range(0, len(self._journal), C.MAX_BATCH_SIZE):
             batch = self._journal[start : start + C.MAX_BATCH_SIZE]
-            length = self.writer.page_data_header([p for p, _ in batch], [t for _, t in batch])
+            length = self.writer.page_data_header([w & C.PFN_MASK for w in batch], [w >> C.PFN_TYPE_SHIFT for w in batch])
             if length:
                 self.spool.send_journal(offset, length)
                 self.writer.payload_written(length)
                 offset += length
-        self._journal = []
+        self._reset_journal()
+
+    def _reset_journal(self) -> None:
+        self._journal = array.array("Q")
         if self._spool is not None:
             self._spool.journal_reset()
 
     def _write_state(self) -> None:
+        """The spooled pages, ascending pfns, 1024 entries a record (a page table of the state at a time)."""
         types = self._state_types
-        spooled = [pfn for pfn in range(len(types)) if types[pfn]]
-        for start in range(0, len(spooled), C.MAX_BATCH_SIZE):
-            pfns = spooled[start : start + C.MAX_BATCH_SIZE]
-            page_types = [types[pfn] - 1 for pfn in pfns]
-            length = self.writer.page_data_header(pfns, page_types)
-            if length:
-                self.spool.send_state([p for p, t in zip(pfns, page_types) if pagetype_has_data(t)])
-                self.writer.payload_written(length)
+        pfns: list[int] = []
+        for base in range(0, len(types), _STATE_SCAN):
+            pfns.extend(base + i for i, t in enumerate(types[base : base + _STATE_SCAN]) if t)
+            while len(pfns) >= C.MAX_BATCH_SIZE:
+                self._write_state_batch(pfns[: C.MAX_BATCH_SIZE])
+                del pfns[: C.MAX_BATCH_SIZE]
+        if pfns:
+            self._write_state_batch(pfns)
+
+    def _write_state_batch(self, pfns: list[int]) -> None:
+        page_types = [self._state_types[pfn] - 1 for pfn in pfns]
+        length = self.writer.page_data_header(pfns, page_types)
+        if length:
+            self.spool.send_state([p for p, t in zip(pfns, page_types) if pagetype_has_data(t)])
+            self.writer.payload_written(length)
 
     # ------------------------------------------------------------------ the end
 
@@ -532,6 +542,7 @@ class Transformer:
 _PFN_PART = bytes(b & 0x0F for b in range(256))
 _V2_TYPE_PART = bytes(0 if b >> 4 == PAGETYPE_LPINTAB else b & 0xF0 for b in range(256))
 _PAGE_DATA_HEAD = struct.Struct("<IIII")  # record type, length, count, reserved
+_STATE_SCAN = 1 << 16  # pfns of the spooled state looked at per step when writing it out
 
 
 def _v2_pfn_words(entries, offset: int) -> bytearray:
@@ -551,10 +562,6 @@ def _v2_pfn_words(entries, offset: int) -> bytearray:
         raise MalformedStream("duplicate pfn in one page batch", offset)
     words[7::8] = top.translate(_V2_TYPE_PART)
     return words
-
-
-def _pfns_and_types(words: bytearray) -> list[tuple[int, int]]:
-    return [(word & C.PFN_MASK, word >> C.PFN_TYPE_SHIFT) for word in memoryview(words).cast("Q")]
 
 
 def _physmap_keys(entry: ev.PhysmapEntry) -> bytes:

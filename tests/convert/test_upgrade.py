@@ -180,3 +180,34 @@ def test_interrupted_upgrade_is_safe(tmp_path, big_stream, how, in_place):
         if how != "SIGKILL":
             assert leftovers == []
         shutil.rmtree(work)
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, big_stream):
+    import pty
+
+    (tmp_path / "a.sav").write_bytes(big_stream)
+    out = tmp_path / "out"
+    out.mkdir()
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "xenstream.convert", "upgrade", str(tmp_path / "a.sav"),
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = bytearray()
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout = proc.stdout.read().decode()
+    assert proc.wait(timeout=60) == 0
+    os.close(controller)
+    assert b"total (1/1 files)" in shown and b"ETA" in shown and b"/s" in shown
+    assert "1 converted" in stdout and "ETA" not in stdout
+    # Not a terminal: no progress at all on stderr.
+    (tmp_path / "quiet").mkdir()
+    quiet = subprocess.run([sys.executable, "-m", "xenstream.convert", "upgrade", str(tmp_path / "a.sav"), "-o",
+                            str(tmp_path / "quiet")], capture_output=True)
+    assert quiet.returncode == 0 and quiet.stderr == b""

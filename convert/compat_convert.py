@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+import structlog
+
 from xenstream.convert import convert_args, edge, logsetup
 from xenstream.convert.pipeline import convert_fds
 from xenstream.convert.transform import CONVERTER_VERSION
@@ -52,11 +54,15 @@ def _convert(args) -> int:
     fd_in = _open(args.fin, os.O_RDONLY)
     fd_out = _open(args.fout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        convert_fds(fd_in, fd_out, convert_args.convert_options(args), verify=args.verify,
-                    **convert_args.parser_options(args))
+        result = convert_fds(fd_in, fd_out, convert_args.convert_options(args), verify=args.verify,
+                             **convert_args.parser_options(args))
     finally:
         # Xen's converter closes its output too: the reader sees end of input when we are done.
         os.close(fd_out)
+    summary = result.summary
+    structlog.get_logger().info("converted", bytes_in=result.bytes_in, bytes_out=result.bytes_out,
+                                pages=summary.pages, checkpoints=summary.checkpoints,
+                                seconds=round(result.seconds, 3), moved_by=result.moved_by)
     return edge.EXIT_OK
 
 

@@ -94,6 +94,12 @@ class InlineVerifier:
             self._failed = True
             self.verifier.stream_error(exc)
 
+    def check_so_far(self) -> None:
+        """Raise OutputVerificationFailed if what was written so far already has an error."""
+        report = self.verifier.report
+        if not report.ok:
+            raise OutputVerificationFailed(f"output failed verification: {report.lines()[0]}")
+
     def finish(self):
         if not self._failed:
             self.reader.feed(b"")
@@ -194,7 +200,8 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
     """Convert the v1 stream read from fd_in into a v2 stream written to fd_out.
 
     Raises the legacy StreamError family on bad input (output then has no END), and
-    OutputVerificationFailed when ``verify`` finds the output invalid. ``progress`` is called with
+    OutputVerificationFailed when ``verify`` finds the output invalid (before END when the error shows
+    earlier, which is every error but a rule only the END record itself can settle). ``progress`` is called with
     the input bytes consumed so far, about once per page batch.
     """
     started = time.monotonic()
@@ -211,7 +218,8 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
         spools.append(FileSpool(sink, spool_dir or _spool_directory(fd_out)))
         return spools[0]
 
-    transformer = Transformer(writer, options, spool_factory=make_spool)
+    transformer = Transformer(writer, options, spool_factory=make_spool,
+                              before_end=checker.check_so_far if checker is not None else None)
     to_output = FdMover(fd_in, fd_out, buffer=buffer)
     to_journal: FdMover | None = None
     try:

@@ -158,8 +158,11 @@ class Summary:
 class Transformer:
     """Feed legacy events in stream order with `handle`; a PageBatch returns where its payload goes."""
 
-    def __init__(self, writer: V2Writer, options: ConvertOptions = ConvertOptions(), spool_factory=None):
+    def __init__(self, writer: V2Writer, options: ConvertOptions = ConvertOptions(), spool_factory=None,
+                 before_end=None):
+        """before_end: called just before the libxc END is written; raising there keeps END out."""
         self.writer = writer
+        self._before_end = before_end
         self.options = options
         self._libxl = options.fmt == "libxl"
         self._spool_factory = spool_factory
@@ -477,6 +480,8 @@ class Transformer:
 
     def _finish(self, closing: _Closing) -> None:
         self.writer.write(*closing.libxc)
+        if self._before_end is not None:
+            self._before_end()
         self.writer.record(rec.End())
         if self._libxl:
             self.writer.write(*closing.libxl)

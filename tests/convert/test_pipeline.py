@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.convert.v2state import convert_bytes, has_end_record
-from xenstream.convert.pipeline import InlineVerifier, convert_fds
+from xenstream.convert.pipeline import InlineVerifier, OutputVerificationFailed, convert_fds
 from xenstream.convert.transform import ConvertOptions
 from xenstream.legacy.build import BuildOptions, build_stream
 from xenstream.legacy.errors import TruncatedStream
@@ -194,3 +194,17 @@ def test_inline_verifier_reports_bad_output(reference):
     verifier.feed(b"\x55" * 64)  # garbage where the next record header should be
     report = verifier.finish()
     assert not report.ok
+
+
+def test_verify_failure_keeps_end_out(stream, tmp_path, monkeypatch):
+    """An error the inline verifier finds before the end stops the conversion before END is written."""
+    from xenstream.v2 import records
+
+    original = records.X86PvInfo.pack
+    monkeypatch.setattr(records.X86PvInfo, "pack", lambda self: original(self)[:2] + b"\x01" + original(self)[3:])
+    source, target = tmp_path / "in.v1", tmp_path / "out.v2"
+    source.write_bytes(stream)
+    with open(source, "rb") as fin, open(target, "wb") as fout:
+        with pytest.raises(OutputVerificationFailed, match="reserved"):
+            convert_fds(fin.fileno(), fout.fileno(), ConvertOptions(), verify=True)
+    assert not has_end_record(target.read_bytes())

@@ -104,7 +104,7 @@ def has_end_record(data: bytes) -> bool:
     """Whether the (possibly cut) v2 stream reaches its outermost END."""
     from xenstream.v2.errors import StreamError
 
-    reader = V2Reader(layer="auto", payload="views")
+    reader = V2Reader(layer="auto", payload="views", strict=False)  # structure only, as Xen reads it
     reader.feed(data)
     reader.feed(b"")
     try:

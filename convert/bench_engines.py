@@ -50,6 +50,8 @@ def run(args) -> int:
     extra: dict[str, int] = {}
     try:
         for _ in range(max(1, args.repeat)):
+            if os.path.exists(image):
+                os.unlink(image)  # both writers start from a new file, as cat does below
             saved = _child("save", spec, image)
             write = measure(["sh", "-c", 'cat "$0" > "$1"', image, copy], capture=False)
             os.unlink(copy)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+from array import array
 from collections.abc import Callable
 
 import attrs
@@ -45,6 +47,7 @@ log = structlog.get_logger()
 
 STREAM_VERSION = 3
 _IOV_MAX = 1024
+_PAGE_DATA_HEAD = struct.Struct("<IIII")  # record type, length, count, reserved
 _KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
 _DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
 _TABLE_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES if abi.pagetable_level(t))
@@ -234,29 +237,41 @@ class _PvSaver:
         for first in range(0, view.p2m_size, batch):
             count = min(batch, view.p2m_size - first)
             types, payloads = stream_pages(view, first, count)
+            head = page_data_head(first, types)
             if self.payload_fd is None:
-                self.writer.page_data(range(first, first + count), types, payloads)
-            else:  # the writer's split form: head from it, the pages straight from guest memory
-                length = self.writer.page_data_header(range(first, first + count), types)
-                _writev_all(self.payload_fd, payloads)
-                self.writer.payload_written(length)
+                self.writer.write(head, *payloads)
+            else:  # head and pages in one writev, the pages straight from guest memory
+                _writev_all(self.payload_fd, [head, *payloads])
+                self.writer.payload_written(len(head) + len(payloads) * abi.PAGE_SIZE)
             self.records += 1
             self.pages += len(payloads)
 
 
-def _writev_all(fd: int, pages: list) -> None:
-    """Write whole 4096-byte buffers with as few writev calls as the kernel allows."""
-    start = 0
-    while start < len(pages):
-        chunk = pages[start:start + _IOV_MAX]
-        written = os.writev(fd, chunk)
-        full, partial = divmod(written, abi.PAGE_SIZE)
-        start += full
-        if partial:
-            rest = memoryview(pages[start])[partial:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
-            start += 1
+def page_data_head(first_pfn: int, types: list[int]) -> bytes:
+    """Record header and body head of the PAGE_DATA record for pfns first_pfn.. with these type nibbles.
+
+    Equal to `V2Writer`'s encoding (a test holds them together); built by the batch kernel, because a
+    per-entry Python check costs a fifth of a save.
+    """
+    count = len(types)
+    words = array("Q", bytes(8 * count))
+    codes = array("I", [t << abi.PFINFO_LTAB_SHIFT for t in types])
+    pages = kernels.pack_page_words(array("Q", range(first_pfn, first_pfn + count)), codes, words)
+    return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + pages * abi.PAGE_SIZE, count, 0) + words.tobytes()
+
+
+def _writev_all(fd: int, buffers: list) -> None:
+    """Write the buffers in order with as few writev calls as the kernel allows."""
+    pending = buffers
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        done = 0
+        while done < len(pending) and written >= len(pending[done]):
+            written -= len(pending[done])
+            done += 1
+        pending = pending[done:]
+        if written:
+            pending[0] = memoryview(pending[0])[written:]
 
 
 def save_pv(hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], bool], *,

@@ -273,3 +273,13 @@ def test_direct_payload_writes_give_the_same_stream(tmp_path):
         assert result.bytes_written == path.stat().st_size
         streams.append(path.read_bytes())
     assert streams[0] == streams[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.integers(0, 1 << 40), types=st.lists(st.sampled_from(sorted(abi.KNOWN_PAGETYPES)), min_size=1,
+                                                     max_size=1024))
+def test_page_data_head_equals_the_writer_encoding(first, types):
+    from xenstream.v2.save import page_data_head
+    from xenstream.v2.writer import encode_page_data_header
+
+    assert page_data_head(first, types) == encode_page_data_header(range(first, first + len(types)), types)

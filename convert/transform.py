@@ -12,6 +12,8 @@ xl header                  libxl format: the same header with mandatory flag STR
                            libxc format: dropped (xl cannot read a bare libxc stream). Xen's
                            converter reads it only with ``-x`` and then always fails under
                            Python 3 (bytes compared with a str magic); ours detects it
+xend, libvirt, xenopsd     not carried over (v2 has no place for them); Xen's converter
+headers                    takes their first bytes for p2m_size
 p2m_size                   libxl format: libxl header (options LEGACY), LIBXC_CONTEXT; then the
                            image header (version 3, little endian) and the domain header (PV 1 /
                            HVM 2, page shift 12, xen_major 0 = converted, xen_minor 1 = the
@@ -27,7 +29,7 @@ page batch                 PAGE_DATA: entries equal to 0xF0000000 dropped, type 
 TSC_INFO                   X86_TSC_INFO(mode, khz, nsec, incarnation) where it occurs
 VCPU_INFO                  nothing; the parser reads the tail with its map
 HVM parameter chunks       collected; one HVM_PARAMS at the end of the body (-21 maps to 36,
-                           which Xen's converter rejects)
+                           which Xen's converter rejects); in a PV stream: MalformedStream
 TOOLSTACK                  libxl format: EMULATOR_XENSTORE_DATA after the libxc END with the
                            physmap keys; nameless entries give no "name" key (Xen rejects them)
 ENABLE_VERIFY_MODE,        nothing
@@ -57,8 +59,8 @@ complete, so its pages are journalled in the spool, not written.
   complete checkpoint. An incomplete final checkpoint is dropped, as the restorer drops it.
 * ``checkpoints``: a v2 checkpointed stream. Every complete checkpoint ends with its closing
   records and CHECKPOINT (libxl: emulator records and CHECKPOINT_END); later checkpoints are
-  written when complete; the end of input closes with END (libxl: END). LAST_CHECKPOINT turns
-  the closing CHECKPOINT into END.
+  written when complete, each with the stream's X86_TSC_INFO again (v1 sends it once); the end of
+  input closes with END (libxl: END). LAST_CHECKPOINT turns the closing CHECKPOINT into END.
 """
 
 from __future__ import annotations

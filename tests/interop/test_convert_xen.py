@@ -165,3 +165,16 @@ def test_tmem_dropped_output_passes_xens_verifier(xen_tools, tmp_path):
     ours = convert_ours(data, tmp_path, fmt="libxl", drop_tmem=True)
     proc = run_xen_verifier(xen_tools, ours, "libxl", tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["last-state", "checkpoints"])
+@pytest.mark.parametrize("name", ["pv64-remus", "pv64-compressed"])
+def test_conformance_vector_outputs_pass_xens_verifier(xen_tools, tmp_path, name, checkpoints):
+    from tests.conftest import SHARED
+
+    path = SHARED / "vectors" / f"{name}.v1"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    ours = convert_ours(path.read_bytes(), tmp_path, fmt="libxc", checkpoints=checkpoints)
+    proc = run_xen_verifier(xen_tools, ours, "libxc", tmp_path)
+    assert proc.returncode == 0, proc.stderr

@@ -201,8 +201,8 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
 
     Raises the legacy StreamError family on bad input (output then has no END), and
     OutputVerificationFailed when ``verify`` finds the output invalid (before END when the error shows
-    earlier, which is every error but a rule only the END record itself can settle). ``progress`` is called with
-    the input bytes consumed so far, about once per page batch.
+    earlier, which is every error but a rule only the END record itself can settle). ``progress`` is
+    called with the input bytes consumed so far, about once per page batch.
     """
     started = time.monotonic()
     for fd in (fd_in, fd_out):

@@ -240,9 +240,10 @@ class _PvSaver:
             head = page_data_head(first, types)
             if self.payload_fd is None:
                 self.writer.write(head, *payloads)
-            else:  # head and pages in one writev, the pages straight from guest memory
-                _writev_all(self.payload_fd, [head, *payloads])
-                self.writer.payload_written(len(head) + len(payloads) * abi.PAGE_SIZE)
+            else:  # the pages in one writev straight from guest memory (a batch is at most IOV_MAX pages)
+                self.writer.write(head)
+                _writev_all(self.payload_fd, payloads, len(payloads) * abi.PAGE_SIZE)
+                self.writer.payload_written(len(payloads) * abi.PAGE_SIZE)
             self.records += 1
             self.pages += len(payloads)
 
@@ -260,13 +261,16 @@ def page_data_head(first_pfn: int, types: list[int]) -> bytes:
     return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + pages * abi.PAGE_SIZE, count, 0) + words.tobytes()
 
 
-def _writev_all(fd: int, buffers: list) -> None:
-    """Write the buffers in order with as few writev calls as the kernel allows."""
+def _writev_all(fd: int, buffers: list, total: int) -> None:
+    """Write the buffers (`total` bytes) in order; one writev for up to IOV_MAX buffers written whole."""
     pending = buffers
     while pending:
         written = os.writev(fd, pending[:_IOV_MAX])
+        if written == total:
+            return
+        total -= written
         done = 0
-        while done < len(pending) and written >= len(pending[done]):
+        while written >= len(pending[done]):
             written -= len(pending[done])
             done += 1
         pending = pending[done:]

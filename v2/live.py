@@ -328,10 +328,11 @@ class _LiveSaver:
         _or_into(self.bitmap, self.deferred)
         self.deferred[:] = bytes(len(self.deferred))
         self._send_round(len(self.rounds) + 1, False, dirty, CONTINUE, bytearray(len(self.bitmap)))
-        # Pages deferred during the final pass went out as XTAB and are not retried (spec 4.3, 10.1).
+        # Pages deferred during the final pass (ballooned out, or a pagetable naming a frame outside the
+        # guest) went out as XTAB and are not retried (spec 4.3, 10.1).
         lost = set_pfns(self.deferred, self.p2m_size)
         if lost:
-            log.warning("pages deferred in the final pass are sent as XTAB", count=len(lost), first=f"{lost[0]:#x}")
+            log.info("final pass sent pages as XTAB", count=len(lost), first=f"{lost[0]:#x}")
         self.deferred[:] = bytes(len(self.deferred))
         self._require_suspended()
 

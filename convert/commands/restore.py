@@ -36,7 +36,7 @@ from xenstream.v2.writer import V2Writer
 log = structlog.get_logger()
 
 READ_SIZE = 1 << 20
-DEFAULT_HOST_FRAMES = 1 << 20  # 4 GiB when the input's size is unknown
+DEFAULT_HOST_FRAMES = 1 << 20  # 4 GiB
 MAX_VCPUS = abi.XEN_LEGACY_MAX_VCPUS
 _V2_STARTS = (struct.pack(">Q", C.IMAGE_MARKER) + struct.pack(">I", C.IMAGE_ID), struct.pack(">Q", C.LIBXL_IDENT))
 
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     parser.add_argument("input", metavar="FILE", help="saved image: path, fd number, or - for stdin")
     parser.add_argument("--report", choices=("text", "json"), default="text", help="report format (default text)")
     parser.add_argument("--host-frames", type=int, default=None,
-                        help="simulated host size in 4 KiB frames (default: from the input size, else 4 GiB)")
+                        help="simulated host size in 4 KiB frames (default 4 GiB, or twice a bigger image)")
     parser.set_defaults(func=run)
 
 
@@ -92,9 +92,11 @@ def legacy_chunks(head: bytes, rest):
 
 
 def host_frames(fd: int) -> int:
+    """A host of 4 GiB, or twice the image for bigger files: the same host (so the same mfns, and the same
+    report) whether the image comes from a file or a pipe, room for 32-bit guests (low frames only)."""
     info = os.fstat(fd)
     if stat.S_ISREG(info.st_mode):
-        return max(1 << 16, 2 * (info.st_size // abi.PAGE_SIZE) + 16 * abi.SUPERPAGE_FRAMES)
+        return max(DEFAULT_HOST_FRAMES, 2 * (info.st_size // abi.PAGE_SIZE) + 16 * abi.SUPERPAGE_FRAMES)
     return DEFAULT_HOST_FRAMES
 
 

@@ -35,7 +35,7 @@ from xenstream.hv.interface import CpuPolicy, Hypervisor, HypervisorError, TscIn
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
-from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, PagePayload, SkippedRecord
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
 
@@ -67,6 +67,7 @@ class RestoreResult:
     p2m_pfns: tuple[int, ...]
     pages_written: int
     pages_populated: int
+    verify_mismatches: int  # pages after a VERIFY record that differed from what had been restored
 
 
 @attrs.frozen
@@ -620,7 +621,7 @@ class PvRestorer:
             domid=self.domid, width=self._width, levels=self._levels, max_pfn=self._max_pfn,
             store_mfn=store_mfn, console_mfn=console_mfn, start_info_pfn=start_info_pfn, p2m=self._p2m,
             p2m_pfns=tuple(self._p2m_pfns), pages_written=self.pages_written,
-            pages_populated=self.pages_populated)
+            pages_populated=self.pages_populated, verify_mismatches=self.verify_mismatches)
 
     def _mfn_for(self, pfn: int, what: str, want_type: int | None = abi.PAGETYPE_NOTAB) -> int:
         _require(pfn <= self._max_pfn, f"{what} pfn {pfn:#x} out of range (max_pfn {self._max_pfn:#x})")
@@ -734,6 +735,9 @@ _EVENTS: dict[type, Callable] = {
     Header: PvRestorer._event_header,
     EndOfStream: PvRestorer._event_end,
     SkippedRecord: PvRestorer._event_skipped,
+    # libxl/xl input: the libxl layer (LIBXC_CONTEXT, emulator records, END) is the toolstack's; the
+    # engine restores the libxc stream inside it.
+    LibxlRecord: PvRestorer._event_skipped,
 }
 
 _HANDLERS: dict[int, Callable] = {

@@ -476,3 +476,50 @@ def test_p2m_frames_beyond_what_the_domain_can_hold(src64):
         records[index].body = struct.pack("<II", 0, end) + bytes(8 * frames)
 
     fails(src64, mutate(src64, change), MalformedStream, "beyond what domain")
+
+
+# ------------------------------------------------------------------ stream variants the restorer accepts
+
+
+@pytest.mark.parametrize("via_fd", [False, True], ids=["fed", "fd"])
+def test_verify_pass_compares_and_changes_nothing(src64, via_fd):
+    """8.5: pages after VERIFY are compared, not written; a mismatch is counted and the guest keeps its page."""
+    data_pfn = src64.guest.layout.kernel_pfns - 1
+
+    def change(headers, records):
+        full_pass = [r for r in records if r.type == C.REC_PAGE_DATA]
+        tampered = es.Record(C.REC_PAGE_DATA, struct.pack("<IIQ", 1, 0, data_pfn) + b"tampered" * 512)
+        at = es.find(records, C.REC_X86_TSC_INFO)
+        records[at:at] = [es.Record(C.REC_VERIFY, b""), *full_pass, tampered]
+
+    xen, result = es.restore(mutate(src64, change), src64.spec, via_fd=via_fd)
+    assert result.verify_mismatches == 1
+    es.assert_same_guest(src64.digest, es.restored_digest(xen, result), es.exempt_pfns(src64.guest))
+
+
+def test_version_2_stream_infers_static_data_end(src64):
+    def change(headers, records):
+        headers[12:16] = struct.pack(">I", 2)
+        records[:] = [r for r in records if r.type not in (C.REC_STATIC_DATA_END, C.REC_X86_CPUID_POLICY,
+                                                         C.REC_X86_MSR_POLICY)]
+        return headers
+
+    xen, result = es.restore(mutate(src64, change), src64.spec)
+    es.assert_same_guest(src64.digest, es.restored_digest(xen, result), es.exempt_pfns(src64.guest))
+    assert xen.get_cpu_policy(result.domid) != src64.xen.get_cpu_policy(src64.guest.domid)
+
+
+def test_xalloc_is_populated_without_data(src64):
+    """5.9: XALLOC allocates the frame, carries no data; XTAB neither allocates nor writes."""
+    layout = src64.guest.layout
+    spare = layout.kernel_pfns - 1
+
+    def change(headers, records):
+        index, entry, offset = es.locate_page(records, spare)
+        body = records[index].body
+        records[index].body = es.set_page_entry(body[:offset] + body[offset + abi.PAGE_SIZE:], entry, spare,
+                                                abi.PAGETYPE_XALLOC)
+
+    xen, result = es.restore(mutate(src64, change), src64.spec)
+    assert result.p2m[spare] != abi.INVALID_MFN
+    assert result.pages_written == src64.digest.p2m_size - 1

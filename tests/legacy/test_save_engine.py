@@ -6,6 +6,8 @@ import io
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.v2 import engine_support as es
 from xenstream.convert.commands.restore import legacy_chunks
@@ -190,3 +192,16 @@ def test_unsuspended_guest_is_refused():
     built = build_guest(xen, spec)
     with pytest.raises(LegacySaveError, match="not shut down for suspend"):
         save_pv_legacy(xen, built.domid, io.BytesIO(), suspend=lambda: True)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["pv64", "pv32"]), mem=st.sampled_from([1, 2, 3]), vcpus=st.integers(1, 3),
+       online=st.integers(1, 3), seed=st.integers(0, 10_000), width=st.sampled_from([32, 64]))
+def test_legacy_round_trip_property(kind, mem, vcpus, online, seed, width):
+    """legacy save -> convert -> restore over random guest shapes and both toolstack widths (spec 8.1)."""
+    src = LegacySource(f"{kind}:mem={mem}M,vcpus={vcpus},online={min(online, vcpus)},seed={seed}", width)
+    xen = es.new_host(src.spec, seed=seed + 1)
+    result = restore_new_domain(xen, legacy_chunks(src.stream[:48], [src.stream[48:]]), max_vcpus=src.spec.vcpus,
+                                max_pages=src.spec.nr_pages)
+    es.assert_same_guest(src.digest, es.restored_digest(xen, result), es.exempt_pfns(src.guest))
+    es.assert_p2m_bijection(xen, result)

@@ -119,8 +119,8 @@ def test_pfn_words_decode_like_the_arithmetic_definition(entries):
     words = [(t << 60) | low for low, t in entries]  # low may carry reserved bits 52-59
     raw = struct.pack(f"<{len(words)}Q", *words)
     record = R.PageData.unpack_words(memoryview(raw), len(words), strict=False)
-    assert record.pfns == tuple(w & 0x000FFFFFFFFFFFFF for w in words)
-    assert record.types == tuple(w >> 60 for w in words)
+    assert tuple(record.pfns) == tuple(w & 0x000FFFFFFFFFFFFF for w in words)
+    assert tuple(record.types) == tuple(w >> 60 for w in words)
     has_reserved = any(w & 0x0FF0000000000000 for w in words)
     if has_reserved:
         with pytest.raises(R.BodyError, match="reserved bits"):

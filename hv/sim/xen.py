@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from xenstream.hv import abi, kernels
+from xenstream.hv import abi, hvm_context, hvm_params, kernels
 from xenstream.hv.interface import (
     CpuPolicy,
     DomainInfo,
@@ -327,8 +327,12 @@ class SimXen:
         return codes
 
     @staticmethod
-    def _hvm_frames(dom: Domain, gfns: Sequence[int]) -> list[int]:
+    def _hvm_frames(dom: Domain, gfns: Sequence[int]) -> Sequence[int]:
         p2m = dom.hvm_p2m
+        if isinstance(gfns, range) and gfns.step == 1 and gfns.start >= 0:  # a batch: one slice
+            frames = p2m[gfns.start:gfns.stop]
+            frames.extend(array("Q", [abi.INVALID_MFN]) * (len(gfns) - len(frames)))
+            return frames
         return [p2m[g] if 0 <= g < len(p2m) else abi.INVALID_MFN for g in gfns]
 
     def populate_physmap(self, domid: int, gfns: Sequence[int], order: int = 0) -> Sequence[int]:
@@ -510,15 +514,26 @@ class SimXen:
         return self._hvm(domid).hvm_context
 
     def set_hvm_context(self, domid: int, blob: bytes) -> None:
-        if not blob:
-            raise HypervisorError(errno.EINVAL, "empty HVM context")
-        self._hvm(domid).hvm_context = bytes(blob)
+        """Checked as Xen's hvm_load checks it; the vcpus with a CPU record come up, the others stay down."""
+        dom = self._hvm(domid)
+        records = hvm_context.check_context(blob, len(dom.vcpus))
+        dom.hvm_context = bytes(blob)
+        running = {r.instance for r in records if r.typecode == hvm_context.CODE_CPU}
+        for vcpu in dom.vcpus:
+            vcpu.online = vcpu.vcpu_id in running
 
     def get_hvm_param(self, domid: int, index: int) -> int:
+        self._hvm_param_index(index)
         return self._hvm(domid).hvm_params.get(index, 0)
 
     def set_hvm_param(self, domid: int, index: int, value: int) -> None:
+        self._hvm_param_index(index)
         self._hvm(domid).hvm_params[index] = value
+
+    @staticmethod
+    def _hvm_param_index(index: int) -> None:
+        if not 0 <= index < hvm_params.NR_PARAMS:
+            raise HypervisorError(errno.EINVAL, f"no HVM param {index}")
 
     # ================================================================ internals =================
 

@@ -1,0 +1,482 @@
+"""The native v2 restore engine for HVM guests (spec save-restore-engines 6.3), sans-IO like the PV one::
+
+    restorer = HvmRestorer(hv, domid, store_evtchn=1, console_evtchn=2)
+    for chunk in chunks:
+        restorer.feed(chunk)
+    result = restorer.finish()
+
+It takes a bare libxc stream, a libxl stream or an xl save file. PAGE_DATA pages are copied raw into
+freshly populated gfns (2 MiB extents for whole aligned runs); X86_TSC_INFO is applied at once, the CPU
+policy at STATIC_DATA_END, HVM_PARAMS as they arrive (the store, ioreq and buffered-ioreq pages
+cleared, the console page cleared and marked disconnected), and at the libxc END the event-channel
+params, then the stashed HVM_CONTEXT (after the params, whatever the record order), then the grant
+table. The libxl layer's emulator records are not the hypervisor's: the engine hands them back in the
+result (EMULATOR_CONTEXT's blob, EMULATOR_XENSTORE_DATA's keys), as libxl receives them.
+
+Every inconsistency raises a v2 `StreamError` at the offset of the record at fault; a context the
+hypervisor refuses is reported at the libxc END. `restore_hvm_new_domain` creates the domain and
+destroys it again if anything fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable
+
+import attrs
+import structlog
+
+from xenstream.hv import abi, composite, hvm_params
+from xenstream.hv.interface import CpuPolicy, HypervisorError, TscInfo
+from xenstream.v2 import constants as C
+from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
+from xenstream.v2.reader import V2Reader
+from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
+from xenstream.v2.restore import ToolstackHypervisor
+
+log = structlog.get_logger()
+
+HEAD_READ = 64 << 10
+_IOV_MAX = 1024
+_NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(t)} | {abi.PAGETYPE_XALLOC})
+_CHUNK_SHIFT = 20  # populated-gfn tracking in 1M-gfn chunks (1 MiB each), so a far gfn costs one chunk
+_SPAN = abi.SUPERPAGE_FRAMES
+
+
+@attrs.frozen
+class HvmRestoreResult:
+    domid: int
+    store_gfn: int
+    console_gfn: int
+    params: tuple[tuple[int, int], ...]  # as set from HVM_PARAMS, in stream order
+    context: bytes
+    pages_written: int
+    pages_populated: int
+    emulator_id: int | None = None
+    emulator_context: bytes | None = None  # EMULATOR_CONTEXT's blob (libxl input)
+    xenstore: tuple[tuple[bytes, bytes], ...] = ()  # EMULATOR_XENSTORE_DATA's keys and values
+
+
+class _Fail(Exception):
+    """Internal: an inconsistency found while applying one record; re-raised with the record's offset."""
+
+
+class _Populated:
+    """Which gfns have been populated: one byte per gfn, in chunks allocated on first touch."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, bytearray] = {}
+
+    def missing(self, first: int, count: int) -> list[int]:
+        out = []
+        for start in range(first, first + count):
+            chunk = self._chunks.get(start >> _CHUNK_SHIFT)
+            if chunk is None or not chunk[start & ((1 << _CHUNK_SHIFT) - 1)]:
+                out.append(start)
+        return out
+
+    def run_missing(self, first: int, count: int) -> bool:
+        """True when none of first..first+count-1 (within one chunk) is populated."""
+        chunk = self._chunks.get(first >> _CHUNK_SHIFT)
+        low = first & ((1 << _CHUNK_SHIFT) - 1)
+        return chunk is None or chunk.count(0, low, low + count) == count
+
+    def mark(self, gfns) -> None:
+        for gfn in gfns:
+            chunk = self._chunks.get(gfn >> _CHUNK_SHIFT)
+            if chunk is None:
+                chunk = self._chunks[gfn >> _CHUNK_SHIFT] = bytearray(1 << _CHUNK_SHIFT)
+            chunk[gfn & ((1 << _CHUNK_SHIFT) - 1)] = 1
+
+    def mark_run(self, first: int, count: int) -> None:
+        chunk = self._chunks.get(first >> _CHUNK_SHIFT)
+        if chunk is None:
+            chunk = self._chunks[first >> _CHUNK_SHIFT] = bytearray(1 << _CHUNK_SHIFT)
+        low = first & ((1 << _CHUNK_SHIFT) - 1)
+        chunk[low:low + count] = b"\x01" * count
+
+
+class HvmRestorer:
+    def __init__(self, hv, domid: int, *, store_evtchn: int = 0, console_evtchn: int = 0, store_domid: int = 0,
+                 console_domid: int = 0, strict: bool = False, payload: str = "views") -> None:
+        self.hv = hv
+        self.domid = domid
+        self.store_evtchn = store_evtchn
+        self.console_evtchn = console_evtchn
+        self.store_domid = store_domid
+        self.console_domid = console_domid
+        self._reader = V2Reader(layer="auto", payload=payload, strict=strict)
+        self._passthrough = payload == "passthrough"
+        self._offset = 0
+        info = self._call("get domain info", hv.get_domain_info, domid)
+        if not info.is_hvm:
+            raise UnsupportedStream(f"domain {domid} is PV; this engine restores HVM streams", 0)
+        self._version = 0
+        self._static_data_end = False
+        self._policy = [b"", b""]
+        self._context: bytes | None = None
+        self._params: list[tuple[int, int]] = []
+        self._store_gfn = 0
+        self._console_gfn = 0
+        self._populated = _Populated()
+        self._pending: list = []
+        self._pending_next = 0
+        self._page_record_offset = 0
+        self._verify = False
+        self._libxc_done = False
+        self._ended = False
+        self._emulator_id: int | None = None
+        self._emulator_context: bytes | None = None
+        self._xenstore: tuple[tuple[bytes, bytes], ...] = ()
+        self.pages_written = 0
+        self.pages_populated = 0
+        self.verify_mismatches = 0
+
+    # ------------------------------------------------------------------ driving
+
+    def feed(self, data) -> None:
+        """Feed stream bytes (b"" = end of input) and apply every record they complete (views mode)."""
+        self._reader.feed(data)
+        self._drain()
+
+    def run_fd(self, fd: int, initial: bytes = b"") -> HvmRestoreResult:
+        """Passthrough mode: read the stream from `fd`, page payloads straight into guest frames with readv."""
+        reader = self._reader
+        if initial:
+            reader.feed(initial)
+        while not self._drain():
+            if reader.payload_remaining:
+                self._receive_payload(fd)
+            else:
+                reader.feed(os.read(fd, HEAD_READ))
+        return self.finish()
+
+    def _drain(self) -> bool:
+        reader = self._reader
+        while not self._ended:
+            if self._passthrough and reader.payload_remaining:
+                return False
+            event = reader.next_event()
+            if event is NEED_DATA:
+                return False
+            self._offset = event.offset
+            _EVENTS[type(event)](self, event)
+        return True
+
+    def finish(self) -> HvmRestoreResult:
+        """After the input ended: the stream must have been complete; returns what was restored."""
+        if not self._ended:
+            self.feed(b"")
+        if not self._libxc_done:
+            raise TruncatedStream("stream ended without an END record", self._reader.offset)
+        self._pending = []
+        return HvmRestoreResult(
+            domid=self.domid, store_gfn=self._store_gfn, console_gfn=self._console_gfn, params=tuple(self._params),
+            context=self._context or b"", pages_written=self.pages_written, pages_populated=self.pages_populated,
+            emulator_id=self._emulator_id, emulator_context=self._emulator_context, xenstore=self._xenstore)
+
+    def close(self) -> None:
+        self._pending = []
+
+    def _call(self, what: str, call, *args):
+        try:
+            return call(*args)
+        except HypervisorError as exc:
+            raise MalformedStream(f"{what} refused by the hypervisor: {exc}", self._offset) from exc
+
+    # ------------------------------------------------------------------ events
+
+    def _event_header(self, event: Header) -> None:
+        header = event.header
+        if isinstance(header, ImageHeader):
+            self._version = header.version
+        elif isinstance(header, DomainHeader) and header.guest_type != C.DOMAIN_TYPE_X86_HVM:
+            raise UnsupportedStream(f"stream is {C.DOMAIN_TYPE_NAMES.get(header.guest_type, header.guest_type)}, "
+                                    f"domain {self.domid} is HVM", event.offset)
+
+    def _event_end(self, event: EndOfStream) -> None:
+        if not event.complete:
+            raise TruncatedStream("stream ended without an END record", event.offset)
+        self._ended = True
+
+    def _event_skipped(self, event) -> None:
+        pass
+
+    def _event_record(self, event: LibxcRecord) -> None:
+        if self._libxc_done:
+            raise MalformedStream(f"{libxc_record_name(event.type)} record after END", event.offset)
+        handler = _HANDLERS.get(event.type)
+        if handler is None:
+            raise MalformedStream(f"{libxc_record_name(event.type)} record is not valid in an HVM stream", event.offset)
+        try:
+            handler(self, event.body)
+        except _Fail as exc:
+            raise MalformedStream(f"{libxc_record_name(event.type)}: {exc}", event.offset) from None
+
+    def _event_libxl(self, event: LibxlRecord) -> None:
+        handler = _LIBXL_HANDLERS.get(event.type)
+        if handler is not None:
+            handler(self, event)
+
+    # ------------------------------------------------------------------ libxc records
+
+    def _infer_static_data_end(self) -> None:
+        if self._version == 2 and not self._static_data_end:
+            self._static_data_end = True
+            log.info("v2 stream: STATIC_DATA_END inferred; CPUID and MSR policy missing")
+
+    def _static_data_end_record(self, body) -> None:
+        if self._static_data_end:
+            raise _Fail("STATIC_DATA_END already received")
+        self._static_data_end = True
+        cpuid, msrs = self._policy
+        if cpuid or msrs:
+            self._call("set CPU policy", self.hv.set_cpu_policy, self.domid, CpuPolicy(cpuid, msrs))
+
+    def _policy_record(self, slot: int, body) -> None:
+        if self._static_data_end:
+            log.warning("CPU policy record after STATIC_DATA_END is never applied", offset=self._offset)
+        self._policy[slot] = body.pack()
+
+    def _page_data(self, body) -> None:
+        if self._pending_next < len(self._pending):
+            raise _Fail("previous PAGE_DATA payload incomplete")
+        self._page_record_offset = self._offset
+        self._infer_static_data_end()
+        if not self._static_data_end:
+            raise _Fail("received before STATIC_DATA_END")
+        pfns, types = body.pfns, body.types
+        first = pfns[0]
+        if pfns == tuple(range(first, first + len(pfns))) and abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types):
+            self._populate_run(first, len(pfns))
+            data_pfns = pfns
+        else:
+            self._populate([p for p, t in zip(pfns, types) if t in _NEEDS_RAM])
+            data_pfns = [p for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]
+        self._pending, self._pending_next = [], 0
+        if not data_pfns:
+            return
+        frames = self._call("map page batch", self.hv.map_foreign, self.domid, data_pfns, True)
+        if None in frames:
+            raise _Fail(f"cannot map gfn {data_pfns[frames.index(None)]:#x} writable")
+        self._pending = frames
+
+    def _populate_run(self, first: int, count: int) -> None:
+        if self._populated.run_missing(first, count) and (first >> _CHUNK_SHIFT) == ((first + count - 1) >> _CHUNK_SHIFT):
+            head = min(count, -first % _SPAN)
+            extents = list(range(first + head, first + count - _SPAN + 1, _SPAN))
+            tail_start = extents[-1] + _SPAN if extents else first + head
+            singles = list(range(first, first + head)) + list(range(tail_start, first + count))
+            self._allocate(extents, singles)
+            self._populated.mark_run(first, count)
+            return
+        self._populate(list(range(first, first + count)))
+
+    def _populate(self, gfns: list[int]) -> None:
+        missing = [g for g in gfns if self._populated.missing(g, 1)]
+        if not missing:
+            return
+        present = set(missing)
+        extents = sorted({g - g % _SPAN for g in missing if all(s in present for s in range(g - g % _SPAN, g - g % _SPAN + _SPAN))})
+        covered = {g + k for g in extents for k in range(_SPAN)}
+        self._allocate(extents, [g for g in missing if g not in covered])
+        self._populated.mark(missing)
+
+    def _allocate(self, extents: list[int], singles: list[int]) -> None:
+        try:
+            if extents:
+                self.hv.populate_physmap(self.domid, extents, abi.SUPERPAGE_ORDER)
+            if singles:
+                self.hv.populate_physmap(self.domid, singles, 0)
+        except HypervisorError as exc:
+            raise _Fail(f"cannot populate {len(extents) * _SPAN + len(singles)} gfns: {exc}") from None
+        self.pages_populated += len(extents) * _SPAN + len(singles)
+
+    def _page_payload(self, event: PagePayload) -> None:
+        data = event.data
+        first = self._pending_next
+        targets = self._pending[first:first + event.page_count]
+        for k, target in enumerate(targets):
+            page = data[k << 12:(k + 1) << 12]
+            if not self._verify:
+                target[:] = page
+            elif page != target:
+                self.verify_mismatches += 1
+                log.warning("verify: page differs", offset=self._page_record_offset)
+        self._pending_next = first + len(targets)
+        if not self._verify:
+            self.pages_written += len(targets)
+
+    def _receive_payload(self, fd: int) -> None:
+        """Passthrough: the rest of the pending payload, from the reader's buffer then the fd, into the frames."""
+        reader = self._reader
+        first = self._pending_next
+        targets = self._pending[first:]
+        if self._verify:
+            scratch = memoryview(bytearray(len(targets) << 12))
+            receive = [scratch[k << 12:(k + 1) << 12] for k in range(len(targets))]
+        else:
+            receive = targets
+        total = len(receive) << 12
+        filled = 0
+        while reader.buffered and filled < total:
+            piece = reader.take_payload()
+            while piece:
+                index, within = filled >> 12, filled & 0xFFF
+                take = min(abi.PAGE_SIZE - within, len(piece))
+                receive[index][within:within + take] = piece[:take]
+                piece = piece[take:]
+                filled += take
+        moved = 0
+        while filled < total:
+            index, within = filled >> 12, filled & 0xFFF
+            n = os.readv(fd, [receive[index][within:], *receive[index + 1:index + _IOV_MAX]])
+            if not n:
+                reader.payload_consumed(moved)
+                raise TruncatedStream(f"truncated PAGE_DATA payload: {total - filled} bytes missing",
+                                      self._page_record_offset)
+            filled += n
+            moved += n
+        reader.payload_consumed(moved)
+        if self._verify:
+            self.verify_mismatches += sum(a != b for a, b in zip(receive, targets))
+        else:
+            self.pages_written += len(targets)
+        self._pending_next = len(self._pending)
+
+    def _tsc_info(self, body) -> None:
+        self._call("set TSC info", self.hv.set_tsc_info, self.domid,
+                   TscInfo(mode=body.mode, khz=body.khz, nsec=body.nsec, incarnation=body.incarnation))
+
+    def _hvm_context(self, body) -> None:
+        self._context = body.data  # a later one replaces an earlier one; loaded at END
+
+    def _hvm_params(self, body) -> None:
+        for index, value in body.params:
+            treatment = _PARAM_TREATMENT.get(index)
+            if treatment is _DROP:
+                continue
+            if treatment is not None:
+                treatment(self, value)
+            self._call(f"set HVM param {hvm_params.name(index)}", self.hv.set_hvm_param, self.domid, index, value)
+            self._params.append((index, value))
+
+    def _clear(self, gfn: int) -> None:
+        try:  # Xen does not check this result either (spec 6.3 step 5)
+            composite.clear_page(self.hv, self.domid, gfn)
+        except HypervisorError as exc:
+            log.warning("cannot clear a special page", gfn=f"{gfn:#x}", error=str(exc))
+
+    def _store_param(self, value: int) -> None:
+        self._store_gfn = value
+        self._clear(value)
+
+    def _console_param(self, value: int) -> None:
+        self._console_gfn = value
+        try:
+            composite.console_ring_init(self.hv, self.domid, value, clear=True)
+        except HypervisorError as exc:
+            log.warning("cannot initialise the console page", gfn=f"{value:#x}", error=str(exc))
+
+    def _verify_record(self, body) -> None:
+        self._verify = True
+
+    def _checkpoint(self, body) -> None:
+        raise _Fail("CHECKPOINT in a plain (not checkpointed) stream")
+
+    def _end(self, body) -> None:
+        if self._pending_next < len(self._pending):
+            raise _Fail("PAGE_DATA payload incomplete")
+        if self._context is None:
+            raise _Fail("stream has no HVM_CONTEXT record")
+        for index, value in ((hvm_params.STORE_EVTCHN, self.store_evtchn),
+                             (hvm_params.CONSOLE_EVTCHN, self.console_evtchn)):
+            self._call(f"set HVM param {hvm_params.name(index)}", self.hv.set_hvm_param, self.domid, index, value)
+        try:
+            self.hv.set_hvm_context(self.domid, self._context)
+        except HypervisorError as exc:
+            raise _Fail(f"the hypervisor refused the HVM context: {exc}") from None
+        try:
+            composite.seed_grant_table(self.hv, self.domid, self._console_gfn, self._store_gfn,
+                                       self.console_domid, self.store_domid)
+        except HypervisorError as exc:
+            raise _Fail(f"cannot seed the grant table: {exc}") from None
+        self._libxc_done = True
+
+    # ------------------------------------------------------------------ libxl records
+
+    def _emulator_context_record(self, event: LibxlRecord) -> None:
+        self._emulator_id = event.body.emulator_id
+        self._emulator_context = event.body.data
+
+    def _emulator_xenstore_record(self, event: LibxlRecord) -> None:
+        try:
+            pairs = event.body.pairs()
+        except ValueError as exc:
+            raise MalformedStream(f"EMULATOR_XENSTORE_DATA: {exc}", event.offset) from None
+        for key, _ in pairs:
+            if not key or key.startswith(b"/"):
+                raise MalformedStream(f"EMULATOR_XENSTORE_DATA: bad key {key!r}", event.offset)
+        self._xenstore = tuple(pairs)
+
+
+_DROP = object()  # PAE_ENABLED: obsolete, discarded (spec 6.3)
+_PARAM_TREATMENT: dict[int, object] = {
+    hvm_params.STORE_PFN: HvmRestorer._store_param,
+    hvm_params.CONSOLE_PFN: HvmRestorer._console_param,
+    hvm_params.IOREQ_PFN: HvmRestorer._clear,
+    hvm_params.BUFIOREQ_PFN: HvmRestorer._clear,
+    hvm_params.PAE_ENABLED: _DROP,
+}
+
+_EVENTS: dict[type, Callable] = {
+    PagePayload: HvmRestorer._page_payload,
+    LibxcRecord: HvmRestorer._event_record,
+    Header: HvmRestorer._event_header,
+    EndOfStream: HvmRestorer._event_end,
+    SkippedRecord: HvmRestorer._event_skipped,
+    LibxlRecord: HvmRestorer._event_libxl,
+}
+
+_HANDLERS: dict[int, Callable] = {
+    C.REC_END: HvmRestorer._end,
+    C.REC_PAGE_DATA: HvmRestorer._page_data,
+    C.REC_X86_TSC_INFO: HvmRestorer._tsc_info,
+    C.REC_HVM_CONTEXT: HvmRestorer._hvm_context,
+    C.REC_HVM_PARAMS: HvmRestorer._hvm_params,
+    C.REC_VERIFY: HvmRestorer._verify_record,
+    C.REC_STATIC_DATA_END: HvmRestorer._static_data_end_record,
+    C.REC_X86_CPUID_POLICY: lambda self, body: self._policy_record(0, body),
+    C.REC_X86_MSR_POLICY: lambda self, body: self._policy_record(1, body),
+    C.REC_CHECKPOINT: HvmRestorer._checkpoint,
+}
+
+_LIBXL_HANDLERS: dict[int, Callable] = {
+    C.LIBXL_REC_EMULATOR_CONTEXT: HvmRestorer._emulator_context_record,
+    C.LIBXL_REC_EMULATOR_XENSTORE_DATA: HvmRestorer._emulator_xenstore_record,
+}
+
+
+def restore_hvm_new_domain(hv: ToolstackHypervisor, source: Iterable[bytes] | int, *, max_vcpus: int, max_pages: int,
+                           initial: bytes = b"", store_evtchn: int = 1, console_evtchn: int = 2) -> HvmRestoreResult:
+    """Create an HVM domain on `hv`, restore a stream into it, and destroy the domain again if the restore
+    fails for any reason. `source` is an iterable of chunks, or a readable fd (payloads then move fd ->
+    guest with readv; `initial` holds bytes already read from it)."""
+    domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages, hvm=True)
+    restorer = None
+    try:
+        if isinstance(source, int):
+            restorer = HvmRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
+                                   payload="passthrough")
+            return restorer.run_fd(source, initial)
+        restorer = HvmRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
+        for chunk in itertools.chain((initial,) if initial else (), source):
+            restorer.feed(chunk)
+        return restorer.finish()
+    except BaseException:
+        if restorer is not None:
+            restorer.close()
+        hv.destroy_domain(domid)
+        raise

@@ -1,0 +1,197 @@
+"""The native v2 save engine for HVM guests, non-live (spec save-restore-engines 6.2).
+
+    result = save_hvm(hv, domid, writer, suspend=callback)
+
+writes the record sequence of Xen's current HVM saver: image and domain headers (v3, x86 HVM), the CPU
+policy records when non-empty, STATIC_DATA_END, then (after `suspend()` and a check that the domain is
+shut down for suspend) one PAGE_DATA record per 1024 gfns of 0..max_gpfn with the pages raw (nothing is
+normalised: Xen owns the p2m; holes and special frames go out as XTAB entries without data),
+X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS (the non-zero migrated params in Xen's order; omitted when
+all are zero) and END.
+
+`save_hvm_libxl` wraps that in the libxl layer the way libxl does for an HVM guest: libxl header,
+LIBXC_CONTEXT, the libxc stream, EMULATOR_XENSTORE_DATA (when the device model has keys),
+EMULATOR_CONTEXT and the libxl END.
+
+Failures raise `SaveError`; no END is written then. Log-dirty is switched off and qemu's log-dirty
+callback told "off" whatever happens (spec 6.2 step 5).
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+from collections.abc import Callable
+
+import attrs
+import structlog
+
+from xenstream.hv import abi, hvm_params
+from xenstream.hv.emulator import EmulatorState
+from xenstream.hv.guestview import hypervisor_call
+from xenstream.hv.interface import Hypervisor
+from xenstream.v2 import constants as C
+from xenstream.v2.libxl_records import EmulatorContext, EmulatorXenstoreData, LibxcContext, LibxlEnd
+from xenstream.v2.records import DomainHeader, End, HvmContext, HvmParams, ImageHeader, StaticDataEnd, X86TscInfo
+from xenstream.v2.save import STREAM_VERSION, SaveError, policy_records
+from xenstream.v2.writer import encode_record
+
+log = structlog.get_logger()
+
+_TYPE_SHIFT = C.PFN_TYPE_SHIFT
+_KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
+_DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
+_NOTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_NOTAB)
+_XTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_XTAB)
+_XTAB_WORD = abi.PAGETYPE_XTAB << _TYPE_SHIFT
+
+
+@attrs.frozen
+class HvmSaveResult:
+    p2m_size: int
+    pages_written: int
+    records: int
+    bytes_written: int
+    params: tuple[tuple[int, int], ...]
+    context_length: int
+
+
+def migrated_params(hv: Hypervisor, domid: int) -> tuple[tuple[int, int], ...]:
+    """(index, value) of every non-zero migrated param, in the order Xen's saver writes them."""
+    values = ((index, hypervisor_call(f"get HVM param {hvm_params.name(index)}", hv.get_hvm_param, domid, index))
+              for index in hvm_params.MIGRATED)
+    return tuple((index, value) for index, value in values if value)
+
+
+def page_data_head(first: int, codes) -> bytes:
+    """Record header and pfn words of PAGE_DATA for gfns first..first+len(codes)-1 of the given page-type codes."""
+    count = len(codes)
+    present = set(codes)
+    if present == {_XTAB}:  # a hole: the type bits sit above every pfn bit, so the words are a range too
+        words = array("Q", range(first | _XTAB_WORD, (first + count) | _XTAB_WORD))
+    else:
+        words = array("Q", range(first, first + count))
+        if present != {_NOTAB}:
+            for i, code in enumerate(codes):
+                if code:
+                    words[i] |= (code >> abi.PFINFO_LTAB_SHIFT) << _TYPE_SHIFT
+    data_pages = count - sum(codes.count(code) for code in present & _DATALESS_CODES)
+    head = array("I", [C.REC_PAGE_DATA, 8 + 8 * count + abi.PAGE_SIZE * data_pages, count, 0])
+    return head.tobytes() + words.tobytes()
+
+
+class _HvmSaver:
+    def __init__(self, hv: Hypervisor, domid: int, writer, suspend: Callable[[], bool],
+                 qemu_logdirty: Callable[[bool], None] | None) -> None:
+        self.hv = hv
+        self.domid = domid
+        self.writer = writer
+        self.suspend = suspend
+        self.qemu_logdirty = qemu_logdirty
+        self.records = 0
+        self.pages = 0
+
+    def _record(self, record) -> None:
+        self.writer.record(record)
+        self.records += 1
+
+    def run(self) -> HvmSaveResult:
+        hv, domid = self.hv, self.domid
+        info = hypervisor_call("get domain info", hv.get_domain_info, domid)
+        if not info.is_hvm:
+            raise SaveError(f"domain {domid} is PV; this engine saves HVM guests")
+        p2m_size = hypervisor_call("maximum gpfn", hv.get_max_gpfn, domid) + 1
+        log.info("HVM save setup", domid=domid, p2m_size=p2m_size)
+        if self.qemu_logdirty is not None:
+            self.qemu_logdirty(True)
+        version = hv.get_xen_version()
+        start = self.writer.position
+        self.writer.image_header(ImageHeader(version=STREAM_VERSION))
+        self.writer.domain_header(DomainHeader(guest_type=C.DOMAIN_TYPE_X86_HVM, xen_major=version.major,
+                                               xen_minor=version.minor))
+        for record_type, body in policy_records(hv, domid):
+            self.writer.write(encode_record(record_type, body))
+            self.records += 1
+        self._record(StaticDataEnd())
+
+        if not self.suspend():
+            raise SaveError("the suspend callback failed")
+        self._require_suspended()
+        self._send_memory(p2m_size)
+        self._require_suspended()
+
+        tsc = hypervisor_call("get TSC info", hv.get_tsc_info, domid)
+        self._record(X86TscInfo(mode=tsc.mode, khz=tsc.khz, nsec=tsc.nsec, incarnation=tsc.incarnation))
+        context = hypervisor_call("get HVM context", hv.get_hvm_context, domid)
+        if not context:
+            raise SaveError(f"domain {domid} has an empty HVM context")
+        self._record(HvmContext(context))
+        params = migrated_params(hv, domid)
+        if params:
+            self._record(HvmParams(params))
+        self._record(End())
+        self.writer.flush()
+        return HvmSaveResult(p2m_size=p2m_size, pages_written=self.pages, records=self.records,
+                             bytes_written=self.writer.position - start, params=params, context_length=len(context))
+
+    def _require_suspended(self) -> None:
+        info = hypervisor_call("get domain info", self.hv.get_domain_info, self.domid)
+        if not info.suspended:
+            raise SaveError(f"domain {self.domid} is not shut down for suspend")
+
+    def _send_memory(self, p2m_size: int) -> None:
+        hv, domid = self.hv, self.domid
+        for first in range(0, p2m_size, abi.MAX_BATCH_SIZE):
+            gfns = range(first, min(first + abi.MAX_BATCH_SIZE, p2m_size))
+            codes = hypervisor_call(f"page-type query of gfns {first:#x}+{len(gfns)}", hv.get_page_types, domid, gfns)
+            present = set(codes)
+            unknown = present - _KNOWN_CODES
+            if unknown:
+                i = next(i for i, code in enumerate(codes) if code in unknown)
+                raise SaveError(f"unknown page type {codes[i]:#x} for gfn {first + i:#x}")
+            if present.isdisjoint(_DATALESS_CODES):
+                data_gfns = gfns
+            elif present <= _DATALESS_CODES:
+                data_gfns = []
+            else:
+                data_gfns = [g for g, code in zip(gfns, codes) if code not in _DATALESS_CODES]
+            payloads = []
+            if data_gfns:
+                payloads = hypervisor_call("map page batch", hv.map_foreign, domid, data_gfns)
+                if None in payloads:
+                    raise SaveError(f"cannot map gfn {data_gfns[payloads.index(None)]:#x}", errno.EFAULT)
+            self.writer.write(page_data_head(first, codes), *payloads)
+            self.records += 1
+            self.pages += len(payloads)
+
+
+def save_hvm(hv: Hypervisor, domid: int, writer, suspend: Callable[[], bool], *,
+             qemu_logdirty: Callable[[bool], None] | None = None) -> HvmSaveResult:
+    """Save HVM domain `domid` non-live into `writer` (a V2Writer); `suspend()` must suspend it and return True."""
+    try:
+        return _HvmSaver(hv, domid, writer, suspend, qemu_logdirty).run()
+    finally:
+        try:
+            hv.shadow_off(domid)
+        except Exception as exc:  # cleanup must not hide the first error
+            log.warning("shadow off failed during save cleanup", domid=domid, error=str(exc))
+        if qemu_logdirty is not None:
+            qemu_logdirty(False)
+
+
+def save_hvm_libxl(hv: Hypervisor, domid: int, writer, suspend: Callable[[], bool],
+                   emulator: Callable[[], EmulatorState], *, emulator_id: int = C.EMULATOR_QEMU_UPSTREAM,
+                   qemu_logdirty: Callable[[bool], None] | None = None) -> HvmSaveResult:
+    """The libxl stream of an HVM save; `emulator()` is asked for the device model's state once the
+    domain is saved (libxl saves qemu after the guest is suspended)."""
+    writer.libxl_header()
+    writer.libxl_record(LibxcContext())
+    result = save_hvm(hv, domid, writer, suspend, qemu_logdirty=qemu_logdirty)
+    state = emulator()
+    pairs = state.xenstore_pairs()
+    if pairs:
+        writer.libxl_record(EmulatorXenstoreData.from_pairs(pairs, emulator_id=emulator_id))
+    writer.libxl_record(EmulatorContext(emulator_id=emulator_id, index=0, data=state.context))
+    writer.libxl_record(LibxlEnd())
+    writer.flush()
+    return result

@@ -229,6 +229,10 @@ class PvGuestView:
                 if saved_idx == idx_end:
                     saved_idx += 1
                 trimmed = (saved_idx << 9) * fpp - 1
+                if trimmed < 0:  # Xen would go on to walk a wrapped range; say what happened instead
+                    raise GuestStateError(
+                        f"linear P2M at {vaddr:#x} trims to no pfn at all: Xen's trim keeps nothing of a list "
+                        f"whose level-2 entries start at index {idx_start} (it expects 1 GiB alignment)", errno.EINVAL)
                 if trimmed < self.max_pfn:
                     self.max_pfn = trimmed
                     frames = (self.max_pfn + fpp) // fpp

@@ -1,0 +1,201 @@
+"""Restore of checkpointed (Remus) streams with failover (spec save-restore-engines 5.10, 4.7).
+
+    restorer = CheckpointRestorer(hv, domid, store_evtchn=1, console_evtchn=2)
+    for chunk in chunks:
+        restorer.feed(chunk)
+    outcome = restorer.finish()          # outcome.result, outcome.checkpoints, outcome.failover
+
+Sans-IO like `PvRestorer`, which does the actual work. This layer only decides *when* the records reach
+it: the records of the first checkpoint go through as they arrive; from the first CHECKPOINT on, records
+are held back until the checkpoint that contains them is complete, then handed over in order. A
+checkpoint is complete at its libxc CHECKPOINT record in a bare libxc stream, and at the libxl
+CHECKPOINT_END after it in a libxl stream (libxl answers libxc's checkpoint callback only once it has read
+its own records up to CHECKPOINT_END). When the input ends anywhere else - mid-record, mid-checkpoint,
+between CHECKPOINT and CHECKPOINT_END - the partial checkpoint is dropped and the guest is completed from
+the last complete one (failover); before the first complete checkpoint that is an error, since no
+consistent state exists. END completes the stream normally (what 4.6 senders wrote). A plain stream
+goes straight through, so this also restores ordinary (live or not) streams.
+
+The inner engine sees a bare libxc stream (headers, then records, CHECKPOINT and libxl records left out):
+offsets in its errors count from the libxc image header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import structlog
+
+from xenstream.hv.interface import Hypervisor
+from xenstream.v2 import constants as C
+from xenstream.v2.errors import TruncatedStream
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
+from xenstream.v2.reader import V2Reader
+from xenstream.v2.records import DomainHeader, ImageHeader
+from xenstream.v2.restore import PvRestorer, RestoreResult
+from xenstream.v2.writer import encode_record
+
+log = structlog.get_logger()
+
+_FORWARD, _HOLD, _DROP = range(3)
+_END_RECORD = encode_record(C.REC_END, b"")
+
+
+@attrs.frozen
+class CheckpointOutcome:
+    result: RestoreResult
+    checkpoints: int  # complete checkpoints committed
+    failover: bool  # completed from the last complete checkpoint because the stream broke off
+    reason: str  # why the stream ended: "END", or the break that caused the failover
+
+
+class CheckpointRestorer:
+    def __init__(self, hv: Hypervisor, domid: int, *, on_commit: Callable[[int], None] | None = None,
+                 **restorer_options) -> None:
+        self.inner = PvRestorer(hv, domid, **restorer_options)
+        self.on_commit = on_commit
+        self._reader = V2Reader(layer="auto", payload="views", strict=False)
+        self._raw = bytearray()
+        self._raw_base = 0  # stream offset of _raw[0]
+        self._cursor = 0  # bytes before this offset have been forwarded, held or dropped
+        self._class = _DROP  # what happens to the bytes of the element that began at _cursor
+        self._held: list[bytes] = []
+        self._libxl = False
+        self._awaiting_checkpoint_end = False
+        self.checkpoints = 0
+        self._outcome: CheckpointOutcome | None = None
+
+    # ------------------------------------------------------------------ driving
+
+    def feed(self, data) -> None:
+        """Stream bytes; b"" = end of input. Raises StreamError only when no checkpoint can be restored
+        (or a committed checkpoint is itself bad)."""
+        if self._outcome is not None:
+            return
+        self._raw += data
+        reader = self._reader
+        try:
+            reader.feed(data)
+        except TruncatedStream as exc:
+            self._fail_over(exc.message, exc.offset)
+            return
+        while self._outcome is None:
+            try:
+                event = reader.next_event()
+            except TruncatedStream as exc:  # the input broke off inside an element
+                self._fail_over(exc.message, exc.offset)
+                return
+            if event is NEED_DATA:
+                return
+            _EVENTS[type(event)](self, event)
+
+    def finish(self) -> CheckpointOutcome:
+        if self._outcome is None:
+            self.feed(b"")
+        if self._outcome is None:
+            self._fail_over("stream ended")
+        return self._outcome
+
+    # ------------------------------------------------------------------ bookkeeping of byte ranges
+
+    def _settle(self, offset: int) -> None:
+        """Bytes from the cursor to `offset` belong to the element that began at the cursor: dispose of them."""
+        start, end = self._cursor - self._raw_base, offset - self._raw_base
+        chunk = bytes(self._raw[start:end])
+        if self._class == _FORWARD:
+            self.inner.feed(chunk)
+        elif self._class == _HOLD:
+            self._held.append(chunk)
+        del self._raw[:end]
+        self._raw_base = offset
+        self._cursor = offset
+
+    def _begin(self, offset: int, kind: int) -> None:
+        self._settle(offset)
+        self._class = kind
+
+    def _record_kind(self) -> int:
+        return _HOLD if self.checkpoints else _FORWARD
+
+    # ------------------------------------------------------------------ events
+
+    def _header(self, event: Header) -> None:
+        libxc = isinstance(event.header, (ImageHeader, DomainHeader))
+        if not libxc:
+            self._libxl = True
+        self._begin(event.offset, _FORWARD if libxc else _DROP)
+
+    def _libxc_record(self, event: LibxcRecord) -> None:
+        if event.type == C.REC_CHECKPOINT:
+            self._begin(event.offset, _DROP)
+            if self._libxl:
+                self._awaiting_checkpoint_end = True
+            else:
+                self._commit()
+        elif event.type == C.REC_END:
+            self._begin(event.offset, _DROP)
+            if self._held:  # END right after a checkpoint's records completes that checkpoint
+                self._commit()
+            self.inner.feed(_END_RECORD)
+            self._complete(failover=False, reason="END")
+        else:
+            self._begin(event.offset, self._record_kind())
+
+    def _libxl_record(self, event: LibxlRecord) -> None:
+        self._begin(event.offset, _DROP)
+        if event.type == C.LIBXL_REC_CHECKPOINT_END and self._awaiting_checkpoint_end:
+            self._awaiting_checkpoint_end = False
+            self._commit()
+
+    def _skipped(self, event: SkippedRecord) -> None:
+        self._begin(event.offset, self._record_kind())
+
+    def _payload(self, event: PagePayload) -> None:
+        pass  # part of the PAGE_DATA element already begun
+
+    def _end_of_stream(self, event: EndOfStream) -> None:
+        self._settle(event.offset)
+        if self._outcome is None:
+            self._fail_over("stream ended inside a checkpoint" if self._raw or self._held or self._awaiting_checkpoint_end
+                            else "stream ended after a checkpoint")
+
+    # ------------------------------------------------------------------ commit, completion, failover
+
+    def _commit(self) -> None:
+        self._settle(self._cursor)
+        for chunk in self._held:
+            self.inner.feed(chunk)
+        self._held.clear()
+        self.checkpoints += 1
+        log.info("checkpoint committed", checkpoint=self.checkpoints)
+        if self.on_commit is not None:
+            self.on_commit(self.checkpoints)
+
+    def _fail_over(self, reason: str, offset: int | None = None) -> None:
+        if not self.checkpoints:
+            raise TruncatedStream(f"{reason} before the first complete checkpoint",
+                                  self._cursor if offset is None else offset)
+        log.warning("failover to the last complete checkpoint", checkpoints=self.checkpoints, reason=reason)
+        self._held.clear()
+        self._raw.clear()
+        self.inner.feed(_END_RECORD)
+        self._complete(failover=True, reason=reason)
+
+    def _complete(self, failover: bool, reason: str) -> None:
+        result = self.inner.finish()
+        self._outcome = CheckpointOutcome(result=result, checkpoints=self.checkpoints, failover=failover,
+                                          reason=reason)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+_EVENTS: dict[type, Callable] = {
+    Header: CheckpointRestorer._header,
+    LibxcRecord: CheckpointRestorer._libxc_record,
+    LibxlRecord: CheckpointRestorer._libxl_record,
+    SkippedRecord: CheckpointRestorer._skipped,
+    PagePayload: CheckpointRestorer._payload,
+    EndOfStream: CheckpointRestorer._end_of_stream,
+}

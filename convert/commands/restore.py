@@ -68,11 +68,11 @@ class _Feed:
         self.write = consume
 
 
-def legacy_chunks(head: bytes, rest):
-    """The v2 stream converted from the v1 stream `head` + `rest`, as a generator of chunks."""
+def legacy_chunks(head: bytes, rest, fmt: str = "libxc"):
+    """The v2 stream (`fmt` libxc or libxl) converted from the v1 stream `head` + `rest`, as a generator of chunks."""
     out: list = []
     writer = V2Writer(_Feed(lambda data: out.append(bytes(data))))
-    transformer = Transformer(writer, ConvertOptions(fmt="libxc"))
+    transformer = Transformer(writer, ConvertOptions(fmt=fmt))
     parser = LegacyParser()
     parser.feed(head)
     source = iter(rest)
@@ -100,14 +100,19 @@ def host_frames(fd: int) -> int:
     return DEFAULT_HOST_FRAMES
 
 
-def restore_fd(fd: int, frames: int) -> tuple[SimXen, RestoreResult]:
-    xen = SimXen(capacity_frames=frames)
-    head = b""
+def read_head(fd: int, head: bytes = b"") -> bytes:
+    """At least the first XL_FIXED_SIZE bytes (fewer only at end of input)."""
     while len(head) < XL_FIXED_SIZE:
         data = os.read(fd, READ_SIZE)
         if not data:
             break
         head += data
+    return head
+
+
+def restore_fd(fd: int, frames: int, head: bytes = b"") -> tuple[SimXen, RestoreResult]:
+    xen = SimXen(capacity_frames=frames)
+    head = read_head(fd, head)
     if is_v2(head):
         source = fd  # page payloads go from the fd straight into the guest
     else:
@@ -132,10 +137,20 @@ def report(xen: SimXen, result: RestoreResult) -> dict:
     }
 
 
+# Restores of other guest types (plug-ins such as restore_hvm): given (args, fd, head), each returns an
+# exit code when the stream is its kind, or None to leave it to the PV restore.
+GUEST_RESTORES: list = []
+
+
 def run(args) -> int:
     fd, owned = fdio.open_input_fd(args.input)
     try:
-        xen, result = restore_fd(fd, args.host_frames or host_frames(fd))
+        head = read_head(fd)
+        for restore in GUEST_RESTORES:
+            code = restore(args, fd, head)
+            if code is not None:
+                return code
+        xen, result = restore_fd(fd, args.host_frames or host_frames(fd), head)
     finally:
         if owned:
             os.close(fd)

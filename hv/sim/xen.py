@@ -73,6 +73,8 @@ _TYPE_LEVELS = bytes(TYPE_LEVEL.get(t, 0) for t in range(8))  # machine type -> 
 _L1_FAILURES = {hotpaths.L1_REFUSED_FLAGS: "sets disallowed flags",
                 hotpaths.L1_NOT_OWNED: "maps a frame the domain does not own",
                 hotpaths.L1_WRITABLE_TYPED: "maps a pagetable or descriptor page writable"}
+_VM86_TSS_UPDATED = 1 << 63
+_TSS32_SIZE = 104
 DEFAULT_TSC = TscInfo(mode=0, khz=2_400_000, nsec=0, incarnation=0)
 
 
@@ -524,11 +526,25 @@ class SimXen:
 
     def get_hvm_param(self, domid: int, index: int) -> int:
         self._hvm_param_index(index)
-        return self._hvm(domid).hvm_params.get(index, 0)
+        params = self._hvm(domid).hvm_params
+        if index == hvm_params.VM86_TSS:  # the old param reads the address half of the sized one
+            return params.get(hvm_params.VM86_TSS_SIZED, 0) & 0xFFFF_FFFF
+        if index == hvm_params.VM86_TSS_SIZED:
+            return params.get(index, 0) & ~_VM86_TSS_UPDATED
+        return params.get(index, 0)
 
     def set_hvm_param(self, domid: int, index: int, value: int) -> None:
+        """Xen's checks and aliases (xen/arch/x86/hvm/hvm.c): the old VM86_TSS param stores into
+        VM86_TSS_SIZED with the 128-byte size old hvmloaders assumed; a sized TSS below 128 bytes is refused."""
         self._hvm_param_index(index)
-        self._hvm(domid).hvm_params[index] = value
+        params = self._hvm(domid).hvm_params
+        if index == hvm_params.VM86_TSS:
+            if value != value & 0xFFFF_FFFF:
+                raise HypervisorError(errno.EINVAL, f"VM86_TSS {value:#x} does not fit 32 bits")
+            index, value = hvm_params.VM86_TSS_SIZED, value and value | (128 << 32) | _VM86_TSS_UPDATED
+        elif index == hvm_params.VM86_TSS_SIZED and value >> 32 < _TSS32_SIZE:
+            raise HypervisorError(errno.EINVAL, f"VM86_TSS_SIZED size {value >> 32} is below a 32-bit TSS")
+        params[index] = value
 
     @staticmethod
     def _hvm_param_index(index: int) -> None:

@@ -109,6 +109,6 @@ def test_restore_of_a_bad_stream_fails_in_one_line(tmp_path, capsys):
 
 
 def test_save_with_a_bad_spec_fails(tmp_path, capsys):
-    code, _, err = run(capsys, "save", "--guest", "hvm:mem=1M", "-o", str(tmp_path / "x"))
+    code, _, err = run(capsys, "save", "--guest", "sparc:mem=1M", "-o", str(tmp_path / "x"))
     assert code == 1 and "pv64: or pv32:" in err
     assert not (tmp_path / "x").exists()

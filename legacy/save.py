@@ -56,8 +56,12 @@ class LegacySaveResult:
 
 
 def canonicalise_pagetable(view: PvGuestView, page: memoryview, level: int, pfn: int,
-                           toolstack_width: int, m2p_mfn0: int | None) -> bytes:
-    """A pagetable page in the 4.5 canonical form (spec legacy 2.4.3); LegacySaveError on a fatal race."""
+                           toolstack_width: int, m2p_mfn0: int | None, live: bool = False) -> bytes:
+    """A pagetable page in the 4.5 canonical form (spec legacy 2.4.3); LegacySaveError on a fatal race.
+
+    A race (an entry naming a frame outside the guest) is fatal only when not `live`: a live iteration
+    sends the entry with frame 0, as 4.5 did, and relies on the page being dirtied again.
+    """
     entries = page.cast("Q").tolist()
     mfn_mask = _MFN_MASK[view.width]
     frame_mask = mfn_mask << abi.PAGE_SHIFT
@@ -81,7 +85,7 @@ def canonicalise_pagetable(view: PvGuestView, page: memoryview, level: int, pfn:
             mfn = (pte >> abi.PAGE_SHIFT) & mfn_mask
             if in_pseudophys(mfn):
                 frame = m2p[mfn]
-            elif quiet_zap:
+            elif quiet_zap or live:
                 frame = 0
             else:
                 raise LegacySaveError(f"fatal pagetable race: L{level} table at pfn {pfn:#x}, entry {i} "
@@ -94,6 +98,8 @@ def canonicalise_pagetable(view: PvGuestView, page: memoryview, level: int, pfn:
 
 
 class _LegacyPvSaver:
+    live = False  # the live saver (legacy.save_live) tolerates pagetable races
+
     def __init__(self, hv: Hypervisor, domid: int, writer: LegacyWriter, toolstack_width: int,
                  suspend: Callable[[], bool], refuse_msrs: bool) -> None:
         self.hv = hv
@@ -114,20 +120,39 @@ class _LegacyPvSaver:
             raise LegacySaveError(str(exc)) from exc
         if not view.info.suspended:
             raise LegacySaveError(f"domain {domid} is not shut down for suspend")
+        p2m_size = self._p2m_size(view)
+        online = self._online_vcpus(view)
+        self._write_head(view, p2m_size)
+        tsc = hypervisor_call("TSC info", hv.get_tsc_info, domid)
+        self.writer.write(ev.TscInfo(tsc_mode=tsc.mode, elapsed_nsec=tsc.nsec, gtsc_khz=tsc.khz,
+                                     incarnation=tsc.incarnation))
+
+        unmapped = self._send_pages(view, p2m_size)
+        self._write_tail(view, online, unmapped)
+        return LegacySaveResult(toolstack_width=self.width, guest_width=view.width, p2m_size=p2m_size,
+                                pages_written=self.pages, unmapped_pfns=len(unmapped))
+
+    def _p2m_size(self, view: PvGuestView) -> int:
         if view.linear_p2m:
             raise LegacySaveError("the guest publishes only a linear P2M list; Xen 4.5 savers need the P2M tree")
-        p2m_size = hypervisor_call("maximum gpfn", hv.get_max_gpfn, domid) + 1
+        p2m_size = hypervisor_call("maximum gpfn", self.hv.get_max_gpfn, self.domid) + 1
         if p2m_size > c.MAX_P2M_SIZE:
             raise LegacySaveError(f"p2m_size {p2m_size:#x} does not fit the 28-bit pfn field")
         if p2m_size > view.p2m_size:
             raise LegacySaveError(f"p2m_size {p2m_size:#x} exceeds the {view.p2m_size:#x} pfns the guest P2M covers")
+        return p2m_size
+
+    def _online_vcpus(self, view: PvGuestView) -> list[int]:
         online = [v for v in range(view.info.max_vcpu_id + 1)
-                  if hypervisor_call(f"vcpu{v} info", hv.get_vcpu_online, domid, v)]
+                  if hypervisor_call(f"vcpu{v} info", self.hv.get_vcpu_online, self.domid, v)]
         if 0 not in online:
             raise LegacySaveError("vcpu0 is offline")
-        xsave0 = hypervisor_call("vcpu0 xsave", hv.get_vcpu_xsave, domid, 0)
-        write = self.writer.write
+        return online
 
+    def _write_head(self, view: PvGuestView, p2m_size: int) -> None:
+        """p2m_size, the extended-info block and the P2M frame list."""
+        hv, domid, write = self.hv, self.domid, self.writer.write
+        xsave0 = hypervisor_call("vcpu0 xsave", hv.get_vcpu_xsave, domid, 0)
         write(ev.P2mSize(p2m_size))
         vcpu0 = hypervisor_call("vcpu0 context", hv.get_vcpu_context, domid, 0)
         blocks = [ev.ExtendedInfoBlock(c.EXT_BLOCK_VCPU, vcpu0.pack()), ev.ExtendedInfoBlock(c.EXT_BLOCK_EXTV, b"")]
@@ -137,11 +162,10 @@ class _LegacyPvSaver:
         write(ev.ExtendedInfo(total=sum(8 + len(b.data) for b in blocks), blocks=tuple(blocks)))
         frames = -(-p2m_size // view.fpp)
         write(ev.P2mFrames(tuple(view.p2m_pfns[:frames])))
-        tsc = hypervisor_call("TSC info", hv.get_tsc_info, domid)
-        write(ev.TscInfo(tsc_mode=tsc.mode, elapsed_nsec=tsc.nsec, gtsc_khz=tsc.khz, incarnation=tsc.incarnation))
 
-        unmapped = self._send_pages(view, p2m_size)
-
+    def _write_tail(self, view: PvGuestView, online: list[int], unmapped: list[int]) -> None:
+        """VCPU_INFO, TOOLSTACK, LAST_CHECKPOINT, the body terminator and the PV tail."""
+        write = self.writer.write
         words = view.info.max_vcpu_id // 64 + 1
         vcpumap = [0] * words
         for vcpu in online:
@@ -157,8 +181,6 @@ class _LegacyPvSaver:
         layout = abi.SHARED_INFO_LAYOUTS[view.width]
         struct.pack_into(layout.word, shared, layout.pfn_to_mfn_frame_list_list, 0)
         write(ev.SharedInfo(bytes(shared)))
-        return LegacySaveResult(toolstack_width=self.width, guest_width=view.width, p2m_size=p2m_size,
-                                pages_written=self.pages, unmapped_pfns=len(unmapped))
 
     def _send_pages(self, view: PvGuestView, p2m_size: int) -> list[int]:
         """One pass over pfns 0..p2m_size-1, 1024 mapped pfns per batch; returns the unmapped pfns."""
@@ -202,7 +224,7 @@ class _LegacyPvSaver:
             sent += 1
             level = abi.pagetable_level(page_type)
             if level:
-                payload.append(canonicalise_pagetable(view, page, level, pfn, self.width, m2p_mfn0))
+                payload.append(canonicalise_pagetable(view, page, level, pfn, self.width, m2p_mfn0, self.live))
             elif abi.pagetype_has_data(page_type):
                 payload.append(page)
         if not sent:

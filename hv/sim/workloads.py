@@ -15,7 +15,8 @@ the clock:
     ... engine sends a batch of n bytes ...
     clock.transmitted(n); workload.run_until(clock.now())
 
-Kinds (spec string `KIND[:key=value,...]`, rates in actions per second):
+Kinds (spec string `KIND[:key=value,...]`, rates in actions per second; every kind but idle also takes
+`limit=N`, a cap on the actions of the whole run, 0 = none):
 
 * `idle` - nothing.
 * `uniform:rate=R` - 8-byte writes to data pages chosen uniformly.
@@ -86,11 +87,12 @@ class Workload:
 
     kind = "base"
 
-    def __init__(self, guest: PvGuest, seed: int, rate: float) -> None:
-        if rate < 0:
-            raise WorkloadError("rate must not be negative")
+    def __init__(self, guest: PvGuest, seed: int, rate: float, limit: int = 0) -> None:
+        if rate < 0 or limit < 0:
+            raise WorkloadError("rate and limit must not be negative")
         self.guest = guest
         self.rate = rate
+        self.limit = limit
         self.rng = random.Random(f"workload:{self.kind}:{seed}")
         self.actions = 0
         self._data = guest.data_pfns()
@@ -100,6 +102,8 @@ class Workload:
     def run_until(self, seconds: float) -> int:
         """Perform the actions due by `seconds`; returns how many were performed now."""
         due = min(int(self.rate * seconds) - self.actions, MAX_ACTIONS_PER_STEP)
+        if self.limit:
+            due = min(due, self.limit - self.actions)
         for _ in range(max(due, 0)):
             self._act()
         self.actions += max(due, 0)
@@ -133,8 +137,8 @@ class UniformWrites(Workload):
 class HotSet(Workload):
     kind = "hotset"
 
-    def __init__(self, guest: PvGuest, seed: int, rate: float, pages: int, cold: float) -> None:
-        super().__init__(guest, seed, rate + cold)
+    def __init__(self, guest: PvGuest, seed: int, rate: float, pages: int, cold: float, limit: int = 0) -> None:
+        super().__init__(guest, seed, rate + cold, limit)
         if not 0 < pages <= len(self._data):
             raise WorkloadError(f"hot set of {pages} pages in a guest with {len(self._data)} data pages")
         chosen = set(self.rng.sample(range(len(self._data)), pages))
@@ -150,8 +154,8 @@ class HotSet(Workload):
 class SequentialScan(Workload):
     kind = "scan"
 
-    def __init__(self, guest: PvGuest, seed: int, rate: float) -> None:
-        super().__init__(guest, seed, rate)
+    def __init__(self, guest: PvGuest, seed: int, rate: float, limit: int = 0) -> None:
+        super().__init__(guest, seed, rate, limit)
         self._next = self.rng.randrange(len(self._data)) if self._data else 0
 
     def _act(self) -> None:
@@ -164,8 +168,8 @@ class PagetableChurn(Workload):
 
     kind = "ptchurn"
 
-    def __init__(self, guest: PvGuest, seed: int, rate: float, pool: int) -> None:
-        super().__init__(guest, seed, rate)
+    def __init__(self, guest: PvGuest, seed: int, rate: float, pool: int, limit: int = 0) -> None:
+        super().__init__(guest, seed, rate, limit)
         if not 0 < pool < len(self._data) // 2:
             raise WorkloadError(f"spare pool of {pool} pages in a guest with {len(self._data)} data pages")
         machine = guest.xen.machine
@@ -228,11 +232,12 @@ def _number(value: str, key: str) -> float:
 
 KINDS: dict[str, _Kind] = {
     "idle": _Kind(lambda g, s, p: Idle(g, s), {}),
-    "uniform": _Kind(lambda g, s, p: UniformWrites(g, s, p["rate"]), {"rate": 5000.0}),
-    "hotset": _Kind(lambda g, s, p: HotSet(g, s, p["rate"], int(p["pages"]), p["cold"]),
-                    {"rate": 20000.0, "pages": 2048.0, "cold": 500.0}),
-    "scan": _Kind(lambda g, s, p: SequentialScan(g, s, p["rate"]), {"rate": 5000.0}),
-    "ptchurn": _Kind(lambda g, s, p: PagetableChurn(g, s, p["rate"], int(p["pool"])), {"rate": 2000.0, "pool": 64.0}),
+    "uniform": _Kind(lambda g, s, p: UniformWrites(g, s, p["rate"], int(p["limit"])), {"rate": 5000.0, "limit": 0.0}),
+    "hotset": _Kind(lambda g, s, p: HotSet(g, s, p["rate"], int(p["pages"]), p["cold"], int(p["limit"])),
+                    {"rate": 20000.0, "pages": 2048.0, "cold": 500.0, "limit": 0.0}),
+    "scan": _Kind(lambda g, s, p: SequentialScan(g, s, p["rate"], int(p["limit"])), {"rate": 5000.0, "limit": 0.0}),
+    "ptchurn": _Kind(lambda g, s, p: PagetableChurn(g, s, p["rate"], int(p["pool"]), int(p["limit"])),
+                     {"rate": 2000.0, "pool": 64.0, "limit": 0.0}),
 }
 
 

@@ -126,3 +126,11 @@ def test_link_clock_is_bytes_over_rate_and_wall_clock_moves():
 def test_bad_workload_specs_are_refused(text):
     with pytest.raises(WorkloadError):
         parse_workload(text, fresh_guest())
+
+
+def test_limit_caps_the_whole_run():
+    guest = fresh_guest()
+    workload = parse_workload("uniform:rate=10000,limit=300", guest, seed=1)
+    assert workload.run_until(0.02) == 200
+    assert workload.run_until(10.0) == 100
+    assert workload.run_until(20.0) == 0

@@ -35,6 +35,7 @@ int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t ma
 int64_t xs_frame_slots(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
                        const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount, uint16_t domid,
                        int writable, uint8_t writable_type, int64_t *slots);
+int64_t xs_slot_runs(const int64_t *slots, size_t n, uint32_t *starts, uint32_t *counts);
 void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
                         const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount,
                         const uint8_t *flags, uint16_t domid, const uint8_t *type_levels, uint32_t *codes);
@@ -298,6 +299,27 @@ int64_t xs_frame_slots(const uint64_t *mfns, size_t n, const uint32_t *ext_of, u
         mapped += slot >= 0;
     }
     return mapped;
+}
+
+int64_t xs_slot_runs(const int64_t *slots, size_t n, uint32_t *starts, uint32_t *counts)
+{
+    int64_t runs = 0, previous = -2;
+    for (size_t i = 0; i < n; i++) {
+        int64_t slot = slots[i];
+        if (slot < 0) {
+            previous = -2;
+            continue;
+        }
+        if (slot == previous + 1) {
+            counts[runs - 1]++;
+        } else {
+            starts[runs] = (uint32_t)i;
+            counts[runs] = 1;
+            runs++;
+        }
+        previous = slot;
+    }
+    return runs;
 }
 
 #define SIM_FLAG_VALIDATED 1

@@ -97,6 +97,15 @@ class LogDirtyStats:
     fault_count: int
 
 
+@attrs.frozen
+class MappedRun:
+    """`gfns[first:first + count]` of a batch mapped as one view of `count * 4096` bytes."""
+
+    first: int
+    count: int
+    view: memoryview
+
+
 _WORD = {abi.WIDTH_64: struct.Struct("<Q"), abi.WIDTH_32: struct.Struct("<I")}
 
 
@@ -205,6 +214,12 @@ class Hypervisor(Protocol):
         """One 4096-byte view per gfn, or None where that gfn cannot be mapped (per-page error).
 
         Writable mappings of a log-dirty domain's pages mark them dirty.
+        """
+
+    def map_foreign_runs(self, domid: int, gfns: Sequence[int], writable: bool = False) -> list[MappedRun]:
+        """As map_foreign, but gfns adjacent in the batch whose frames are adjacent in memory come back
+        as one view (a real batched foreign mapping is one contiguous region): one copy or one iovec
+        per run instead of per page. Runs are in batch order; a gfn no run covers cannot be mapped.
         """
 
     def get_page_types(self, domid: int, gfns: Sequence[int]) -> Sequence[int]:

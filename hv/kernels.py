@@ -31,6 +31,7 @@ PYTHON_KERNELS = {
     "classify_page_types": pagetables.python_classify_page_types,
     "take_l1_refs": hotpaths.python_take_l1_refs,
     "frame_slots": hotpaths.python_frame_slots,
+    "slot_runs": hotpaths.python_slot_runs,
     "page_type_codes": hotpaths.python_page_type_codes,
     "legacy_to_page_words": pagetables.python_legacy_to_page_words,
     "pack_legacy_words": pagetables.python_pack_legacy_words,
@@ -141,6 +142,11 @@ def load_compiled_kernels() -> dict | None:
                                   ffi.from_buffer("uint32_t[]", tcount), domid, writable, writable_type,
                                   ffi.from_buffer("int64_t[]", slots, require_writable=True))
 
+    def slot_runs(slots, starts, counts) -> int:
+        return lib.xs_slot_runs(ffi.from_buffer("int64_t[]", slots), len(slots),
+                                ffi.from_buffer("uint32_t[]", starts, require_writable=True),
+                                ffi.from_buffer("uint32_t[]", counts, require_writable=True))
+
     def page_type_codes(mfns, ext_of, max_mfn, owner, ptype, tcount, flags, domid, type_levels, codes) -> None:
         mfns = as_u64(mfns)
         lib.xs_page_type_codes(ffi.from_buffer("uint64_t[]", mfns), len(mfns), ffi.from_buffer("uint32_t[]", ext_of),
@@ -175,6 +181,7 @@ def load_compiled_kernels() -> dict | None:
         "classify_page_types": classify_page_types,
         "take_l1_refs": take_l1_refs,
         "frame_slots": frame_slots,
+        "slot_runs": slot_runs,
         "page_type_codes": page_type_codes,
         "legacy_to_page_words": legacy_to_page_words,
         "pack_legacy_words": pack_legacy_words,
@@ -209,9 +216,10 @@ classify_page_types = _SELECTED["classify_page_types"]
 # The simulator's own loops (xenstream.hv.sim.hotpaths): L1 validation, frame lookup, page-type query.
 take_l1_refs = _SELECTED["take_l1_refs"]
 frame_slots = _SELECTED["frame_slots"]
+slot_runs = _SELECTED["slot_runs"]
 page_type_codes = _SELECTED["page_type_codes"]
 legacy_to_page_words = _SELECTED["legacy_to_page_words"]
 pack_legacy_words = _SELECTED["pack_legacy_words"]
 
 __all__ = ["BACKEND", "PYTHON_KERNELS", "load_compiled_kernels", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
-           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "frame_slots", "page_type_codes", "legacy_to_page_words", "pack_legacy_words"]
+           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "frame_slots", "slot_runs", "page_type_codes", "legacy_to_page_words", "pack_legacy_words"]

@@ -1,6 +1,6 @@
 """The simulator's own hot loops, run per frame on every batch the engines send (twins of cffi kernels).
 
-Call them through `xenstream.hv.kernels` (`take_l1_refs`, `frame_slots`, `page_type_codes`), which
+Call them through `xenstream.hv.kernels` (`take_l1_refs`, `frame_slots`, `slot_runs`, `page_type_codes`), which
 picks the compiled `xs_*` function when built. All work on the Machine's per-slot arrays.
 
 `python_take_l1_refs` validates an L1 table (every pin and root of a restored guest). For each
@@ -98,3 +98,22 @@ def python_page_type_codes(mfns, ext_of, max_mfn: int, owner, ptype, tcount, fla
             codes[i] = type_levels[ptype[slot]] << abi.PFINFO_LTAB_SHIFT
         else:
             codes[i] = abi.PFINFO_NOTAB
+
+
+def python_slot_runs(slots, starts, counts) -> int:
+    """Split a batch's slots (-1 = unmappable) into runs of consecutive slots: run k covers batch
+    entries starts[k] .. starts[k] + counts[k] - 1. Returns the number of runs."""
+    runs = 0
+    previous = -2
+    for i, slot in enumerate(slots):
+        if slot < 0:
+            previous = -2
+            continue
+        if slot == previous + 1:
+            counts[runs - 1] += 1
+        else:
+            starts[runs] = i
+            counts[runs] = 1
+            runs += 1
+        previous = slot
+    return runs

@@ -27,6 +27,7 @@ from xenstream.hv.interface import (
     DomainInfo,
     HypervisorError,
     LogDirtyStats,
+    MappedRun,
     TscInfo,
     VcpuContext,
     XenVersion,
@@ -299,6 +300,24 @@ class SimXen:
 
     def map_foreign(self, domid: int, gfns: Sequence[int], writable: bool = False) -> list[memoryview | None]:
         self._count("map_foreign")
+        slots = self._mappable_slots(domid, gfns, writable)
+        base = self.machine.memview if writable else self.machine.readonly_memview
+        return [base[s << 12:(s + 1) << 12] if s >= 0 else None for s in slots]
+
+    def map_foreign_runs(self, domid: int, gfns: Sequence[int], writable: bool = False) -> list[MappedRun]:
+        self._count("map_foreign")
+        slots = self._mappable_slots(domid, gfns, writable)
+        starts, counts = array("I", bytes(4 * len(slots))), array("I", bytes(4 * len(slots)))
+        runs = kernels.slot_runs(slots, starts, counts)
+        base = self.machine.memview if writable else self.machine.readonly_memview
+        out = []
+        for first, count in zip(starts[:runs], counts[:runs]):
+            slot = slots[first]
+            out.append(MappedRun(first, count, base[slot << 12:(slot + count) << 12]))
+        return out
+
+    def _mappable_slots(self, domid: int, gfns: Sequence[int], writable: bool) -> array:
+        """The slot of each gfn the caller may map (-1 elsewhere); writable mappings mark log-dirty."""
         dom = self._domain(domid)
         machine = self.machine
         if dom.is_hvm:
@@ -306,14 +325,12 @@ class SimXen:
         slots = array("q", bytes(8 * len(gfns)))
         kernels.frame_slots(gfns, machine.slot_extent_of, machine.max_mfn, machine.owner, machine.ptype,
                             machine.tcount, domid, int(writable), TYPE_WRITABLE, slots)
-        base = machine.memview if writable else machine.readonly_memview
-        views = [base[s << 12:(s + 1) << 12] if s >= 0 else None for s in slots]
         if writable and dom.logdirty.enabled:
             m2p = machine.m2p
             for mfn, slot in zip(gfns, slots):
                 if slot >= 0:
                     dom.logdirty.mark(m2p[mfn])
-        return views
+        return slots
 
     def get_page_types(self, domid: int, gfns: Sequence[int]) -> Sequence[int]:
         self._count("get_page_types")

@@ -328,3 +328,19 @@ def test_frame_lookup_and_type_query_kernels_match_twins(seed, writable):
         impl["page_type_codes"](mfns, ext_of, 64 << 9, owner, ptype, tcount, flags, 1, levels, codes)
         results.append((mapped, out, codes))
     assert results[0] == results[1]
+
+
+@needs_cffi
+@SETTINGS
+@given(st.lists(st.integers(-1, 40) | st.integers(-1, 1 << 40), max_size=80))
+def test_slot_runs_kernel_matches_twin(slots):
+    slots = array("q", sorted(slots) if len(slots) % 2 else slots)
+    results = []
+    for impl in (PY, CFFI):
+        starts, counts = array("I", bytes(4 * len(slots))), array("I", bytes(4 * len(slots)))
+        runs = impl["slot_runs"](slots, starts, counts)
+        results.append((runs, starts[:runs], counts[:runs]))
+    assert results[0] == results[1]
+    runs, starts, counts = results[0]
+    covered = [i for first, count in zip(starts, counts) for i in range(first, first + count)]
+    assert covered == [i for i, s in enumerate(slots) if s >= 0]

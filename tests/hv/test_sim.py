@@ -489,3 +489,23 @@ def test_resume_in_new_domain_republishes_the_p2m(host, spec):
     assert list(fl[:len(layout.p2m_pfns)]) == [g.p2m(p) for p in layout.p2m_pfns]
     assert host.machine.frame(g.p2m(layout.fixmap_l1_pfn)).cast("Q")[0] >> 12 & ((1 << 40) - 1) == \
         host.get_domain_info(d).shared_info_frame
+
+
+def test_map_foreign_runs_match_per_page_mappings(host):
+    g = _guest(host, "pv64:mem=8M,seed=4")
+    d = g.domid
+    table = g.p2m_table()
+    root = g.p2m(g.layout.pinned[0].pfn)
+    gfns = list(table[:1500]) + [abi.INVALID_MFN, root] + list(table[1600:1700])
+    for writable in (False, True):
+        pages = host.map_foreign(d, gfns, writable=writable)
+        runs = host.map_foreign_runs(d, gfns, writable=writable)
+        covered = {}
+        for run in runs:
+            assert len(run.view) == run.count * abi.PAGE_SIZE and run.view.readonly is not writable
+            for k in range(run.count):
+                covered[run.first + k] = bytes(run.view[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE])
+        assert covered == {i: bytes(p) for i, p in enumerate(pages) if p is not None}
+        assert len(runs) < len(covered) // 50  # 2 MiB extents come back whole
+        assert 1500 not in covered  # INVALID_MFN
+        assert (1501 in covered) is not writable  # a pinned table maps read-only only

@@ -108,7 +108,11 @@ def upgrade_file(result: FileResult, settings: UpgradeSettings, cancel: threadin
         os.chmod(part, os.stat(path).st_mode & 0o7777)
         if settings.in_place and settings.backup:
             result.backup = _keep_backup(path)
-        os.replace(part, target)
+        if settings.in_place:
+            os.replace(part, target)
+        else:
+            os.link(part, target)  # never over a file that appeared meanwhile: FileExistsError instead
+            os.unlink(part)
         part = None
         _fsync_directory(directory)
         result.status = "converted"
@@ -177,20 +181,26 @@ def upgrade_files(paths: list[str], settings: UpgradeSettings, jobs: int = 1,
     KeyboardInterrupt (SIGINT, or SIGTERM mapped onto it by the caller) stops every conversion in
     flight at its next page batch, removes their temporary files and is raised again."""
     results = [FileResult(path=p) for p in paths]
+    claimed: dict[str, str] = {}
     for result in results:
         try:
             result.size = os.stat(result.path).st_size
         except OSError:
             pass
+        target = os.path.abspath(target_path(result.path, settings))
+        if target in claimed:
+            _failed(result, f"{claimed[target]} has the same output name", time.monotonic())
+        claimed.setdefault(target, result.path)
     if on_start is not None:
         on_start(results)
     cancel = threading.Event()
+    todo = [r for r in results if r.status == "pending"]
     if jobs <= 1:
-        for result in results:
+        for result in todo:
             upgrade_file(result, settings)
         return results
     pool = ThreadPoolExecutor(max_workers=jobs)
-    futures = [pool.submit(upgrade_file, r, settings, cancel) for r in results]
+    futures = [pool.submit(upgrade_file, r, settings, cancel) for r in todo]
     try:
         for future in futures:
             future.result()

@@ -211,3 +211,15 @@ def test_progress_bar_on_a_terminal_only(tmp_path, big_stream):
     quiet = subprocess.run([sys.executable, "-m", "xenstream.convert", "upgrade", str(tmp_path / "a.sav"), "-o",
                             str(tmp_path / "quiet")], capture_output=True)
     assert quiet.returncode == 0 and quiet.stderr == b""
+
+
+def test_two_files_with_one_output_name(tmp_path, streams, capsys):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "dom.sav").write_bytes(streams["pv.sav"])
+    out = tmp_path / "out"
+    out.mkdir()
+    code, text = _upgrade(capsys, str(tmp_path / "a" / "dom.sav"), str(tmp_path / "b" / "dom.sav"), "-o", str(out),
+                          "--jobs", "2")
+    assert code == 1 and "same output name" in text and "1 converted" in text
+    assert verify_path(out / "dom.sav").ok

@@ -191,8 +191,8 @@ VCPU_CONTEXT_64 = VcpuContextLayout(
     kernel_ss=4968, kernel_sp=4976, ctrlreg=4984, debugreg=5048, vm_assist=5136,
 )
 VCPU_CONTEXT_32 = VcpuContextLayout(
-    width=WIDTH_32, size=2800, flags=512, user_regs=516, rdx=524, rsi=528, rax=540, rip=556,
-    rsp=568, trap_ctxt=584, ldt_base=2632, ldt_ents=2636, gdt_frames=2640, gdt_ents=2704,
+    width=WIDTH_32, size=2800, flags=512, user_regs=516, rdx=524, rsi=528, rax=540, rip=548,
+    rsp=560, trap_ctxt=584, ldt_base=2632, ldt_ents=2636, gdt_frames=2640, gdt_ents=2704,
     kernel_ss=2708, kernel_sp=2712, ctrlreg=2716, debugreg=2748, vm_assist=2796,
 )
 VCPU_CONTEXT_LAYOUTS = {WIDTH_64: VCPU_CONTEXT_64, WIDTH_32: VCPU_CONTEXT_32}

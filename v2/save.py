@@ -113,8 +113,9 @@ def normalised_tables(view: PvGuestView, pfns: list[int], levels: list[int], pag
 def stream_pages(view: PvGuestView, first_pfn: int, count: int):
     """Types and payloads of pfns first..first+count-1 as a fresh save emits them.
 
-    Returns (types, payloads): one stream type nibble per pfn and, in pfn order, one buffer per entry
-    whose type carries data (normalised copies for pagetables, the guest's own frames otherwise).
+    Returns (types, payloads): one stream type nibble per pfn and the payload as buffers of whole pages
+    in pfn order, one page per entry whose type carries data: runs of the guest's own frames, with
+    normalised private copies for pagetables (`pages_of` splits them into pages).
     """
     hv, domid = view.hv, view.domid
     gfns = view.gfns(first_pfn, count)
@@ -133,20 +134,47 @@ def stream_pages(view: PvGuestView, first_pfn: int, count: int):
         data_gfns = [gfns[i] for i in data_index]
     if not data_index:
         return types, []
-    mapped = hypervisor_call("map page batch", hv.map_foreign, domid, data_gfns)
-    if None in mapped:
-        i = data_index[mapped.index(None)]
+    runs = hypervisor_call("map page batch", hv.map_foreign_runs, domid, data_gfns)
+    if sum(run.count for run in runs) != len(data_gfns):
+        covered = {slot for run in runs for slot in range(run.first, run.first + run.count)}
+        i = data_index[next(slot for slot in range(len(data_gfns)) if slot not in covered)]
         raise SaveError(f"cannot map pfn {first_pfn + i:#x} (mfn {gfns[i]:#x})", errno.EFAULT)
-    payloads: list = list(mapped)
     if present.isdisjoint(_TABLE_CODES):
-        return types, payloads
+        return types, [run.view for run in runs]
     table_slots = [slot for slot, i in enumerate(data_index) if codes[i] in _TABLE_CODES]
-    table_pfns = [first_pfn + data_index[slot] for slot in table_slots]
-    table_levels = [types[data_index[slot]] & 0x7 for slot in table_slots]
-    tables = normalised_tables(view, table_pfns, table_levels, [mapped[s] for s in table_slots])
-    for k, slot in enumerate(table_slots):
-        payloads[slot] = tables[k * abi.PAGE_SIZE:(k + 1) * abi.PAGE_SIZE]
+    pages = {slot: page for run in runs for slot, page in _table_pages(run, table_slots)}
+    tables = normalised_tables(view, [first_pfn + data_index[slot] for slot in table_slots],
+                               [types[data_index[slot]] & 0x7 for slot in table_slots],
+                               [pages[slot] for slot in table_slots])
+    normalised = {slot: tables[k << 12:(k + 1) << 12] for k, slot in enumerate(table_slots)}
+    payloads = []
+    for run in runs:
+        start = 0  # page offset in the run of the plain pages not yet emitted
+        for offset in range(run.count):
+            page = normalised.get(run.first + offset)
+            if page is not None:
+                if offset > start:
+                    payloads.append(run.view[start << 12:offset << 12])
+                payloads.append(page)
+                start = offset + 1
+        if start < run.count:
+            payloads.append(run.view[start << 12:])
     return types, payloads
+
+
+def _table_pages(run, table_slots: list[int]):
+    """(slot, page view) of the pagetable slots inside one mapped run."""
+    for slot in table_slots:
+        if run.first <= slot < run.first + run.count:
+            offset = slot - run.first
+            yield slot, run.view[offset << 12:(offset + 1) << 12]
+
+
+def pages_of(payloads):
+    """The 4096-byte pages of stream_pages' payload buffers, in order."""
+    for buffer in payloads:
+        for offset in range(0, len(buffer), abi.PAGE_SIZE):
+            yield buffer[offset:offset + abi.PAGE_SIZE]
 
 
 def vcpu_records(view: PvGuestView, vcpu_id: int) -> list:
@@ -238,14 +266,15 @@ class _PvSaver:
             count = min(batch, view.p2m_size - first)
             types, payloads = stream_pages(view, first, count)
             head = page_data_head(first, types)
+            length = sum(len(buffer) for buffer in payloads)
             if self.payload_fd is None:
                 self.writer.write(head, *payloads)
-            else:  # the pages in one writev straight from guest memory (a batch is at most IOV_MAX pages)
+            else:  # the pages in one writev straight from guest memory (a batch is at most IOV_MAX buffers)
                 self.writer.write(head)
-                _writev_all(self.payload_fd, payloads, len(payloads) * abi.PAGE_SIZE)
-                self.writer.payload_written(len(payloads) * abi.PAGE_SIZE)
+                _writev_all(self.payload_fd, payloads, length)
+                self.writer.payload_written(length)
             self.records += 1
-            self.pages += len(payloads)
+            self.pages += length >> 12
 
 
 def page_data_head(first_pfn: int, types: list[int]) -> bytes:

@@ -17,7 +17,7 @@ import attrs
 
 from xenstream.hv import abi
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
-from xenstream.v2.save import SaveError, stream_pages
+from xenstream.v2.save import SaveError, pages_of, stream_pages
 
 _LEVEL_NAMES = {0: "NOTAB", 1: "L1TAB", 2: "L2TAB", 3: "L3TAB", 4: "L4TAB"}
 _BATCH = abi.MAX_BATCH_SIZE
@@ -64,7 +64,7 @@ def page_digests(view: PvGuestView) -> list[PageDigest]:
         count = min(_BATCH, view.p2m_size - first)
         gfns = view.gfns(first, count)
         types, payloads = stream_pages(view, first, count)
-        data = iter(payloads)
+        data = pages_of(payloads)
         for i, page_type in enumerate(types):
             digest = hashlib.sha256(next(data)).hexdigest() if abi.pagetype_has_data(page_type) else None
             if gfns[i] == abi.INVALID_MFN:

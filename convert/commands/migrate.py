@@ -18,8 +18,8 @@ from xenstream.convert import edge
 from xenstream.convert.migrate import MigrateError, MigrateOptions, migrate_to_fd, round_line
 from xenstream.convert.service_config import ConfigError, TcpAddress, parse_socket_address
 from xenstream.hv.guestview import GuestStateError
-from xenstream.hv.sim.builder import GuestSpecError
-from xenstream.hv.sim.workloads import WorkloadError
+from xenstream.hv.sim.builder import GuestSpec, GuestSpecError
+from xenstream.hv.sim.workloads import WorkloadError, check_workload
 from xenstream.legacy.save import LegacySaveError
 from xenstream.v2.live import SaveError
 
@@ -56,6 +56,13 @@ def run(args) -> int:
         raise edge.UsageError("--to needs HOST:PORT")
     if args.checkpoints < 1:
         raise edge.UsageError("--checkpoints must be at least 1")
+    if args.legacy and (args.checkpoint_interval is not None or args.policy != "xen"):
+        raise edge.UsageError("--legacy sends Xen 4.5's live stream: no --checkpoint-interval, no --policy")
+    try:  # before connecting: a receiver waits for one stream only
+        GuestSpec.parse(args.guest)
+        check_workload(args.workload)
+    except (GuestSpecError, WorkloadError) as exc:
+        raise edge.UsageError(str(exc)) from None
     options = MigrateOptions(
         guest=args.guest, workload=args.workload, seed=args.seed, policy=args.policy,
         downtime=None if args.downtime_ms is None else args.downtime_ms / 1000, legacy=args.legacy,

@@ -241,8 +241,18 @@ KINDS: dict[str, _Kind] = {
 }
 
 
+def check_workload(text: str) -> None:
+    """Raise WorkloadError if `text` is not a valid workload spec (before any guest exists)."""
+    _parse(text)
+
+
 def parse_workload(text: str, guest: PvGuest, seed: int = 0) -> Workload:
     """`KIND[:key=value,...]` (see the module doc) -> a workload bound to `guest`."""
+    kind, params = _parse(text)
+    return kind.make(guest, seed, params)
+
+
+def _parse(text: str) -> tuple[_Kind, dict]:
     kind_name, _, rest = text.partition(":")
     kind = KINDS.get(kind_name)
     if kind is None:
@@ -253,4 +263,4 @@ def parse_workload(text: str, guest: PvGuest, seed: int = 0) -> Workload:
         if not eq or key not in params:
             raise WorkloadError(f"workload {kind_name} has no parameter {key!r} (known: {', '.join(params) or 'none'})")
         params[key] = _number(value, key)
-    return kind.make(guest, seed, params)
+    return kind, params

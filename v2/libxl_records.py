@@ -12,7 +12,7 @@ from typing import ClassVar
 import attrs
 
 from xenstream.v2 import constants as C
-from xenstream.v2.records import BodyError, _require, _require_empty
+from xenstream.v2.records import BodyError, EmptyRecord, _require
 
 _LIBXL_HEADER = struct.Struct(">QII")
 _EMULATOR_HEAD = struct.Struct("<II")
@@ -49,26 +49,13 @@ class LibxlHeader:
 
 
 @attrs.frozen
-class _Empty:
-    NAME: ClassVar[str] = ""
-
-    def pack(self) -> bytes:
-        return b""
-
-    @classmethod
-    def unpack(cls, view, strict: bool = True):
-        _require_empty(view, strict, cls.NAME)
-        return cls()
-
-
-@attrs.frozen
-class LibxlEnd(_Empty):
+class LibxlEnd(EmptyRecord):
     TYPE: ClassVar[int] = C.LIBXL_REC_END
     NAME: ClassVar[str] = "END"
 
 
 @attrs.frozen
-class LibxcContext(_Empty):
+class LibxcContext(EmptyRecord):
     """Marks that a complete libxc stream follows immediately."""
 
     TYPE: ClassVar[int] = C.LIBXL_REC_LIBXC_CONTEXT
@@ -76,7 +63,7 @@ class LibxcContext(_Empty):
 
 
 @attrs.frozen
-class CheckpointEnd(_Empty):
+class CheckpointEnd(EmptyRecord):
     TYPE: ClassVar[int] = C.LIBXL_REC_CHECKPOINT_END
     NAME: ClassVar[str] = "CHECKPOINT_END"
 

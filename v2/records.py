@@ -114,7 +114,9 @@ class DomainHeader:
 
 
 @attrs.frozen
-class _Empty:
+class EmptyRecord:
+    """A record with no body (length 0); shared by both layers."""
+
     NAME: ClassVar[str] = ""
 
     def pack(self) -> bytes:
@@ -127,25 +129,25 @@ class _Empty:
 
 
 @attrs.frozen
-class End(_Empty):
+class End(EmptyRecord):
     TYPE: ClassVar[int] = C.REC_END
     NAME: ClassVar[str] = "END"
 
 
 @attrs.frozen
-class Verify(_Empty):
+class Verify(EmptyRecord):
     TYPE: ClassVar[int] = C.REC_VERIFY
     NAME: ClassVar[str] = "VERIFY"
 
 
 @attrs.frozen
-class Checkpoint(_Empty):
+class Checkpoint(EmptyRecord):
     TYPE: ClassVar[int] = C.REC_CHECKPOINT
     NAME: ClassVar[str] = "CHECKPOINT"
 
 
 @attrs.frozen
-class StaticDataEnd(_Empty):
+class StaticDataEnd(EmptyRecord):
     TYPE: ClassVar[int] = C.REC_STATIC_DATA_END
     NAME: ClassVar[str] = "STATIC_DATA_END"
 

@@ -56,10 +56,6 @@ class FdMover:
         self._buffer = buffer if buffer is not None else bytearray(_BUFFER_SIZE)
         self.bytes_by_method: dict[str, int] = {}
 
-    @property
-    def method(self) -> str:
-        return self._strategies[0].__name__.lstrip("_")
-
     def move(self, count: int) -> None:
         """Move exactly `count` bytes; raise InputEnded if the input runs out first."""
         moved = 0

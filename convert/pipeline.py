@@ -142,19 +142,13 @@ class FileSpool:
         self._state = tempfile.TemporaryFile(dir=directory)
         self.journal_fd = self._journal.fileno()
         self._state_fd = self._state.fileno()
-        self.journal_length = 0
 
     def journal_append(self, data) -> None:
         write_all(self.journal_fd, data)
-        self.journal_length += memoryview(data).nbytes
-
-    def journal_moved(self, n: int) -> None:
-        self.journal_length += n
 
     def journal_reset(self) -> None:
         os.ftruncate(self.journal_fd, 0)
         os.lseek(self.journal_fd, 0, os.SEEK_SET)
-        self.journal_length = 0
 
     def store_from_journal(self, pfn: int, journal_offset: int) -> None:
         try:
@@ -239,7 +233,7 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
                 spool = transformer.spool
                 if to_journal is None:
                     to_journal = FdMover(fd_in, spool.journal_fd, buffer=buffer)
-                _move_payload(parser, spool.journal_append, to_journal, spool.journal_moved, None)
+                _move_payload(parser, spool.journal_append, to_journal, None, None)
             if progress is not None:
                 progress(parser.offset)
         if not transformer.finished:
@@ -274,7 +268,8 @@ def _move_payload(parser: LegacyParser, deliver, mover: FdMover, moved_externall
     except InputEnded as ended:
         moved = ended.moved
     parser.consumed_externally(moved)
-    moved_externally(moved)
+    if moved_externally is not None:
+        moved_externally(moved)
     if payload_written is not None:
         payload_written(moved)
     if moved < rest:

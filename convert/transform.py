@@ -124,8 +124,6 @@ class Spool(Protocol):
     state holds the latest content of every pfn of the complete later checkpoints.
     """
 
-    journal_length: int
-
     def journal_append(self, data) -> None: ...
 
     def journal_reset(self) -> None: ...

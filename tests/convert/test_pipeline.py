@@ -208,3 +208,15 @@ def test_verify_failure_keeps_end_out(stream, tmp_path, monkeypatch):
         with pytest.raises(OutputVerificationFailed, match="reserved"):
             convert_fds(fin.fileno(), fout.fileno(), ConvertOptions(), verify=True)
     assert not has_end_record(target.read_bytes())
+
+
+def test_falls_back_when_the_kernel_refuses(stream, reference, tmp_path):
+    """An O_APPEND output refuses copy_file_range and sendfile: the reused buffer takes over, same bytes."""
+    source, target = tmp_path / "in.v1", tmp_path / "out.v2"
+    source.write_bytes(stream)
+    fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    with open(source, "rb") as fin:
+        result = convert_fds(fin.fileno(), fd_out, ConvertOptions(fmt="libxl"))
+    os.close(fd_out)
+    assert target.read_bytes() == reference
+    assert result.moved_by.get("buffered", 0) > len(stream) // 2

@@ -19,6 +19,7 @@ same way at the offset of END.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import re
@@ -72,12 +73,15 @@ class RestoreResult:
 
 @attrs.frozen
 class _Pending:
+    """The data pages of a PAGE_DATA record awaiting their payload, and the guest frames they go to."""
+
     pfns: tuple | list
     types: tuple | list
-    frames: list
+    runs: list  # MappedRun over indices into pfns
+    starts: list[int]  # each run's first index, for bisect
 
 
-_NO_PENDING = _Pending((), (), [])
+_NO_PENDING = _Pending((), (), [], [])
 
 
 @attrs.define
@@ -328,23 +332,33 @@ class PvRestorer:
         self._pending_next = 0
         if not data_pfns:
             return
-        frames = self._call("map page batch", self.hv.map_foreign, self.domid, mfns, True)
-        if None in frames:
-            bad = frames.index(None)
+        runs = self._call("map page batch", self.hv.map_foreign_runs, self.domid, mfns, True)
+        if sum(run.count for run in runs) != len(mfns):
+            covered = {k for run in runs for k in range(run.first, run.first + run.count)}
+            bad = next(k for k in range(len(mfns)) if k not in covered)
             raise _Fail(f"cannot map pfn {data_pfns[bad]:#x} (mfn {mfns[bad]:#x}) writable")
-        self._pending = _Pending(data_pfns, data_types, frames)
+        self._pending = _Pending(data_pfns, data_types, runs, [run.first for run in runs])
 
     def _pending_remaining(self) -> int:
-        return len(self._pending.frames) - self._pending_next
+        return len(self._pending.pfns) - self._pending_next
+
+    def _frame(self, k: int) -> memoryview:
+        """The guest frame of pending data page k."""
+        pending = self._pending
+        run = pending.runs[bisect.bisect_right(pending.starts, k) - 1]
+        offset = k - run.first
+        return run.view[offset << 12:(offset + 1) << 12]
 
     def _page_payload(self, event: PagePayload) -> None:
         """Views mode: whole pages of the pending PAGE_DATA payload, in the reader's buffer."""
         count = event.page_count
         first = self._pending_next
-        targets, scratch = self._targets(first, count)
+        segments, scratch = self._targets(first, count)
         data = event.data
-        for k, target in enumerate(targets):
-            target[:] = data[k << 12:(k + 1) << 12]
+        position = 0
+        for segment in segments:
+            segment[:] = data[position:position + len(segment)]
+            position += len(segment)
         self._store(first, count, scratch)
 
     def _receive_payload(self, fd: int) -> None:
@@ -352,51 +366,70 @@ class PvRestorer:
         reader = self._reader
         first = self._pending_next
         count = self._pending_remaining()
-        targets, scratch = self._targets(first, count)
-        total = count << 12
-        filled = 0
-        while reader.buffered and filled < total:
+        segments, scratch = self._targets(first, count)
+        index, within = 0, 0  # the next byte lands in segments[index] at `within`
+        while reader.buffered and index < len(segments):
             piece = reader.take_payload()
             while piece:
-                index, within = filled >> 12, filled & 0xFFF
-                take = min(abi.PAGE_SIZE - within, len(piece))
-                targets[index][within:within + take] = piece[:take]
+                take = min(len(segments[index]) - within, len(piece))
+                segments[index][within:within + take] = piece[:take]
                 piece = piece[take:]
-                filled += take
+                within += take
+                if within == len(segments[index]):
+                    index, within = index + 1, 0
         moved = 0
-        while filled < total:
-            index, within = filled >> 12, filled & 0xFFF
-            vector = [targets[index][within:], *targets[index + 1:index + _IOV_MAX]]
+        while index < len(segments):
+            vector = [segments[index][within:], *segments[index + 1:index + _IOV_MAX]]
             n = os.readv(fd, vector)
             if not n:
                 reader.payload_consumed(moved)
-                raise TruncatedStream(f"truncated PAGE_DATA payload: {total - filled} bytes missing",
+                missing = sum(len(v) for v in vector) + sum(len(v) for v in segments[index + _IOV_MAX:])
+                raise TruncatedStream(f"truncated PAGE_DATA payload: {missing} bytes missing",
                                       self._page_record_offset)
-            filled += n
             moved += n
+            n += within
+            while index < len(segments) and n >= len(segments[index]):
+                n -= len(segments[index])
+                index += 1
+            within = n
         reader.payload_consumed(moved)
         self._store(first, count, scratch)
 
     def _targets(self, first: int, count: int) -> tuple[list, list[tuple[int, int, int, int]]]:
-        """Where pending pages first..first+count-1 are received: the guest frame itself for a plain page,
-        a scratch page for a pagetable (localised before it goes in) and for every page in verify mode.
-        Returns (targets, scratch) with scratch entries (index in batch, pfn, level, scratch slot)."""
+        """Where pending pages first..first+count-1 are received, as buffers in payload order: runs of the
+        guest's frames for plain pages, scratch pages for pagetables (localised before they go in) and
+        for every page in verify mode. Returns (segments, scratch) with scratch entries (index in the
+        pending batch, pfn, level, scratch slot)."""
         pending, end = self._pending, first + count
-        targets = pending.frames[first:end]
-        types = pending.types[first:end]
+        types = pending.types
         if self._verify:
-            chosen = range(count)
-        elif _TABLE_TYPES.isdisjoint(types):
-            chosen = ()
+            chosen = list(range(first, end))
+        elif _TABLE_TYPES.isdisjoint(types[first:end]):
+            chosen = []
         else:
-            chosen = [k for k, t in enumerate(types) if t in _TABLE_TYPES]
+            chosen = [k for k in range(first, end) if types[k] in _TABLE_TYPES]
         buffer = memoryview(bytearray(len(chosen) << 12))
-        entries = []
-        for n, k in enumerate(chosen):
-            targets[k] = buffer[n << 12:(n + 1) << 12]
-            entries.append((k, pending.pfns[first + k], types[k] & 0x7 if types[k] in _TABLE_TYPES else 0, n))
         self._scratch = buffer
-        return targets, entries
+        scratch_slot = {k: n for n, k in enumerate(chosen)}
+        entries = [(k, pending.pfns[k], types[k] & 0x7 if types[k] in _TABLE_TYPES else 0, n)
+                   for k, n in scratch_slot.items()]
+        segments = []
+        for run in pending.runs[max(bisect.bisect_right(pending.starts, first) - 1, 0):]:
+            a, b = max(run.first, first), min(run.first + run.count, end)
+            if a >= end:
+                break
+            if a >= b:
+                continue
+            start = a  # first page of the run not yet in a segment
+            for k in chosen[bisect.bisect_left(chosen, a):bisect.bisect_left(chosen, b)]:
+                if k > start:
+                    segments.append(run.view[(start - run.first) << 12:(k - run.first) << 12])
+                n = scratch_slot[k]
+                segments.append(buffer[n << 12:(n + 1) << 12])
+                start = k + 1
+            if start < b:
+                segments.append(run.view[(start - run.first) << 12:(b - run.first) << 12])
+        return segments, entries
 
     def _store(self, first: int, count: int, scratch: list[tuple[int, int, int, int]]) -> None:
         """Localise the scratch pagetables and move scratch pages into the guest (compare them in verify mode).
@@ -404,7 +437,6 @@ class PvRestorer:
         Errors carry the offset of the PAGE_DATA record the pages belong to.
         """
         offset = self._page_record_offset
-        frames = self._pending.frames
         buffer = self._scratch
         tables = [(n, pfn, level) for _, pfn, level, n in scratch if level]
         try:
@@ -413,7 +445,7 @@ class PvRestorer:
         except _Fail as exc:
             raise MalformedStream(f"PAGE_DATA: {exc}", offset) from None
         for k, pfn, _, n in scratch:
-            page, frame = buffer[n << 12:(n + 1) << 12], frames[first + k]
+            page, frame = buffer[n << 12:(n + 1) << 12], self._frame(k)
             if not self._verify:
                 frame[:] = page
             elif page != frame:
@@ -423,7 +455,7 @@ class PvRestorer:
             self.pages_written += count
         self._scratch = None
         self._pending_next = first + count
-        if self._pending_next == len(frames):
+        if self._pending_next == len(self._pending.pfns):
             self._pending = _NO_PENDING
             self._pending_next = 0
 

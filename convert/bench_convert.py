@@ -2,7 +2,7 @@
 
 For each size a 64-bit PV v1 stream is synthesised (xenstream.legacy.build) into a scratch directory
 (tmpfs when it has room, so that the figures are the programs' and not the disk's) and read once into
-the page cache. Then, best of --repeat runs each:
+the page cache. Then, best of --repeat runs each, the commands of a shape taking turns:
 
 * file -> file:  ``cat IN > OUT``  vs  ``convert-legacy-stream -i IN -o OUT``  (and ``--verify``)
 * pipe -> pipe:  ``cat IN | cat | cat > OUT``  vs  ``cat IN | convert-legacy-stream -i 0 -o 1 | cat > OUT``
@@ -96,16 +96,23 @@ def _ours() -> str:
     return f"{shlex.quote(sys.executable)} -m xenstream.convert.compat_convert"
 
 
-def _best(command: str, target: str, repeat: int):
-    runs = []
+def _interleaved(commands: dict[str, str], target: str, repeat: int) -> dict:
+    """Each command `repeat` times, taking turns (cat, ours, ..., cat, ours, ...) so that a burst of load
+    from elsewhere falls on all of them alike. Per command: (best run, peak RSS) or (None, exit code)."""
+    runs: dict[str, list] = {name: [] for name in commands}
     for _ in range(repeat):
-        if os.path.exists(target):
-            os.unlink(target)
-        runs.append(measure(["sh", "-c", command], capture=False))
-    failed = [r for r in runs if r.returncode != 0]
-    if failed:
-        return None, failed[0].returncode
-    return min(runs, key=lambda r: r.seconds), max(r.max_rss_bytes for r in runs)
+        for name, command in commands.items():
+            if os.path.exists(target):
+                os.unlink(target)
+            runs[name].append(measure(["sh", "-c", command], capture=False))
+    results = {}
+    for name, measured in runs.items():
+        failed = [r for r in measured if r.returncode != 0]
+        if failed:
+            results[name] = (None, failed[0].returncode)
+        else:
+            results[name] = (min(measured, key=lambda r: r.seconds), max(r.max_rss_bytes for r in measured))
+    return results
 
 
 def _compare(source: str, target: str, repeat: int, xen: bool) -> int:
@@ -131,14 +138,14 @@ def _compare(source: str, target: str, repeat: int, xen: bool) -> int:
     print(f"convert {human_size(size)} 64-bit PV v1 stream, best of {repeat}")
     failures = 0
     for shape, commands in shapes.items():
-        base, _ = _best(commands["baseline"], target, repeat)
+        if not xen:
+            commands.pop("xen")
+        results = _interleaved(commands, target, repeat)
+        base, _ = results.pop("baseline")
         seconds = {}
         print(f"  {shape}")
         print(f"    cat                      {base.seconds:7.3f} s  {gb / base.seconds:6.2f} GB/s")
-        for name, command in commands.items():
-            if name == "baseline" or (name == "xen" and not xen):
-                continue
-            best, rss = _best(command, target, repeat)
+        for name, (best, rss) in results.items():
             if best is None:
                 print(f"    {name:24} failed (exit {rss})")
                 failures += name != "xen"

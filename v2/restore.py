@@ -314,7 +314,7 @@ class PvRestorer:
         top = max(pfns)
         _require(top <= self._max_pfn, f"pfn {top:#x} out of range (max_pfn {self._max_pfn:#x})")
         first = pfns[0]
-        contiguous = pfns == tuple(range(first, first + len(pfns)))
+        contiguous = array("Q", pfns) == array("Q", range(first, first + len(pfns)))
         plain = abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types)
         if contiguous and plain:  # the common case: one ascending run of pages that all carry data
             self._populate_run(first, len(pfns))

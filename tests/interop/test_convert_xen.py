@@ -190,3 +190,20 @@ def test_conformance_vector_outputs_pass_xens_verifier(xen_tools, tmp_path, name
     ours = convert_ours(path.read_bytes(), tmp_path, fmt="libxc", checkpoints=checkpoints)
     proc = run_xen_verifier(xen_tools, ours, "libxc", tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("options", [
+    dict(guest="pv", pages=3000, holes=5, vcpus=3, live_iterations=2),
+    dict(guest="pv", width=32, guest_width=32, pages=2500, holes=4, broken_pages=3),
+    dict(guest="hvm", pages=2600, holes=40, device_model_size=50000),
+], ids=["pv64-live-3000", "pv32-2500", "hvm64-2600"])
+def test_byte_identical_on_multi_batch_streams(xen_tools, tmp_path, options, fmt):
+    """Streams of many batches (partial last batches, HVM XTAB runs, the kernel's payload moves)."""
+    from xenstream.legacy.build import BuildOptions, build_stream
+
+    built = BuildOptions(**options)
+    data = build_stream(built)
+    code, theirs, stderr = run_xen_converter(xen_tools, data, built, fmt, tmp_path)
+    assert code == 0, stderr
+    assert convert_ours(data, tmp_path, fmt=fmt) == theirs

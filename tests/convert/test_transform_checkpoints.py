@@ -99,3 +99,38 @@ def test_both_modes_agree_on_built_remus_streams(tmp_path, guest):
     first_only, _ = convert_bytes(stream[: _checkpoint_ends(stream)[0]], tmp_path)
     assert restored_state(last_state)["digest"] == restored_state(every)["digest"]
     assert restored_state(last_state)["digest"] != restored_state(first_only)["digest"]
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_hvm_remus_closes_with_the_last_checkpoints_context_and_device_model(tmp_path, checkpoints):
+    from xenstream.v2.events import LibxcRecord, LibxlRecord
+    from xenstream.v2.reader import V2Reader
+
+    stream = build_stream(BuildOptions(guest="hvm", pages=10, holes=1, checkpoints=3, device_model_size=900))
+    events = parse_bytes(stream)
+    contexts = [bytes(e.data) for e in events if isinstance(e, ev.HvmContext)]
+    models, current = [], b""
+    for event in events:
+        if isinstance(event, ev.DeviceModelData):
+            current += bytes(event.data)
+        elif isinstance(event, ev.DeviceModelEnd):
+            models.append(current)
+            current = b""
+    assert len(contexts) == 3 and len(set(models)) > 1
+    data, _ = convert_bytes(stream, tmp_path, fmt="libxl", checkpoints=checkpoints)
+    reader = V2Reader(layer="auto", payload="views")
+    reader.feed(data)
+    reader.feed(b"")
+    written_contexts, written_models = [], []
+    while True:
+        event = reader.next_event()
+        if isinstance(event, LibxcRecord) and event.type == C.REC_HVM_CONTEXT:
+            written_contexts.append(event.body.data)
+        elif isinstance(event, LibxlRecord) and event.type == C.LIBXL_REC_EMULATOR_CONTEXT:
+            written_models.append(event.body.data)
+        elif type(event).__name__ == "EndOfStream":
+            break
+    if checkpoints:
+        assert written_contexts == contexts and written_models == models
+    else:
+        assert written_contexts == contexts[-1:] and written_models == models[-1:]

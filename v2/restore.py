@@ -8,13 +8,20 @@ complete, and `finish()` (after the input ended) runs the stream completion of s
         restorer.feed(chunk)
     result = restorer.finish()
 
+or, reading an fd itself (PAGE_DATA payloads then go from the fd straight into the guest's frames
+with readv; only pagetables pass through a scratch page to be localised)::
+
+    result = PvRestorer(hv, domid, payload="passthrough").run_fd(fd)
+
 The domain must exist (spec 5.1: created by the toolstack, PV, no memory yet, enough vcpus and
 max_pages). `restore_new_domain` is that toolstack step around the engine: it creates the domain and
 destroys it again if anything fails, so a half-built domain is never left behind.
 
-Every inconsistency of spec 5.11 raises a v2 `StreamError` (`MalformedStream` or `UnsupportedStream`)
-carrying the offset of the record at fault; hypervisor refusals during completion are reported the
-same way at the offset of END.
+Every inconsistency of spec 5.11 raises a v2 `StreamError` (`MalformedStream`, `UnsupportedStream`,
+`TruncatedStream`) carrying the offset of the record at fault (for a bad page, of its PAGE_DATA record);
+hypervisor refusals during completion are reported the same way at the offset of END. Beyond Xen, as
+spec 10.3 recommends: PAGE_DATA before X86_PV_P2M_FRAMES, a PTE naming a pfn above max_pfn, and an
+X86_PV_P2M_FRAMES end pfn beyond what the domain can hold are errors too.
 """
 
 from __future__ import annotations

@@ -523,3 +523,15 @@ def test_xalloc_is_populated_without_data(src64):
     xen, result = es.restore(mutate(src64, change), src64.spec)
     assert result.p2m[spare] != abi.INVALID_MFN
     assert result.pages_written == src64.digest.p2m_size - 1
+
+
+def test_set_vcpu_context_refused_by_xen(src64):
+    """A GDT frame that the guest also maps writable: the checks pass (NOTAB, consistent frame), Xen refuses."""
+    layout = src64.guest.layout
+    reserved = (layout.special_pfns | es.exempt_pfns(src64.guest) | set(layout.fl_pfns)
+                | {layout.fll_pfn, layout.store_pfn})
+    data_pfn = max(p.pfn for p in src64.digest.pages if p.type == "NOTAB" and p.pfn not in reserved
+                   and p.pfn >= layout.kernel_pfns)  # ordinary memory: the direct map has it read-write
+    stream = patch_basic(src64, "gdt_frames", data_pfn)
+    error = fails(src64, stream, MalformedStream, "set vcpu0 context refused by the hypervisor")
+    assert error.offset == record_offset(stream, len(es.split(stream)[1]) - 1)

@@ -129,7 +129,7 @@ def migrate_to_fd(fd: int, options: MigrateOptions, on_round: Callable | None = 
     else:
         policy = make_policy(options.policy, options.downtime)
         result = save_pv_live(xen, guest.domid, V2Writer(fd), suspend, policy=policy, clock=clock,
-                              guest_runs=guest_runs, on_round=on_round, libxl=True,
+                              guest_runs=guest_runs, on_round=on_round, libxl=True, payload_fd=fd,
                               checkpoint=checkpoint if options.checkpoint_interval is not None else None)
     finished = time.monotonic()
     report = {"role": "sender", "guest": str(spec), "workload": options.workload, "seed": options.seed,
@@ -142,22 +142,35 @@ def migrate_to_fd(fd: int, options: MigrateOptions, on_round: Callable | None = 
     return report
 
 
-def receive_from_fd(fd: int, options: ReceiveOptions, on_commit: Callable[[int], None] | None = None) -> dict:
+def prepare_host(options: ReceiveOptions) -> SimXen:
+    """The receiving simulated host, its RAM touched once: a real host's memory exists before a migration
+    arrives, so first-touch page faults of the simulator are not part of receiving."""
     xen = SimXen(capacity_frames=options.host_frames)
+    memory = xen.machine.memview
+    for offset in range(0, len(memory), abi.PAGE_SIZE):
+        memory[offset] = 0
+    return xen
+
+
+def receive_from_fd(fd: int, options: ReceiveOptions, on_commit: Callable[[int], None] | None = None,
+                    xen: SimXen | None = None) -> dict:
+    xen = xen or SimXen(capacity_frames=options.host_frames)
     domid = xen.create_domain(max_vcpus=options.max_vcpus, max_pages=options.host_frames)
     restorer = CheckpointRestorer(xen, domid, store_evtchn=STORE_EVTCHN, console_evtchn=CONSOLE_EVTCHN,
                                   on_commit=on_commit)
     received = 0
     first_byte_at = None
     started = time.monotonic()
+    buffer = bytearray(READ_SIZE)  # reused: a fresh 1 MiB object per read costs page faults every time
+    view = memoryview(buffer)
     try:
         while True:
-            data = os.read(fd, READ_SIZE)
+            n = os.readv(fd, [buffer])
             if first_byte_at is None:
                 first_byte_at = time.time()
-            received += len(data)
-            restorer.feed(data)
-            if not data:
+            received += n
+            restorer.feed(view[:n] if n else b"")
+            if not n:
                 break
         outcome = restorer.finish()
     except BaseException:

@@ -102,11 +102,11 @@ class CheckpointRestorer:
     def _settle(self, offset: int) -> None:
         """Bytes from the cursor to `offset` belong to the element that began at the cursor: dispose of them."""
         start, end = self._cursor - self._raw_base, offset - self._raw_base
-        chunk = bytes(self._raw[start:end])
         if self._class == _FORWARD:
-            self.inner.feed(chunk)
+            with memoryview(self._raw)[start:end] as chunk:  # the inner reader copies what it keeps
+                self.inner.feed(chunk)
         elif self._class == _HOLD:
-            self._held.append(chunk)
+            self._held.append(bytes(self._raw[start:end]))
         del self._raw[:end]
         self._raw_base = offset
         self._cursor = offset

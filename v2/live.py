@@ -27,6 +27,7 @@ with its size, while the guest is live, so a simulated guest runs in step with t
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from collections.abc import Callable
 
@@ -60,6 +61,7 @@ _KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPE
 _DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
 _TABLE_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES if abi.pagetable_level(t))
 _XTAB = abi.PFINFO_XTAB >> abi.PFINFO_LTAB_SHIFT
+_IOV_MAX = 1024
 _SET_BITS = [tuple(b for b in range(8) if byte >> b & 1) for byte in range(256)]
 
 
@@ -131,6 +133,21 @@ def set_pfns(bitmap: bytearray | bytes, limit: int) -> list[int]:
     return out
 
 
+def _write_pages(fd: int, pages: list) -> None:
+    """writev whole 4096-byte buffers, IOV_MAX at a time, resuming after short writes."""
+    pending = list(pages)
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        full, partial = divmod(written, abi.PAGE_SIZE)
+        del pending[:full]
+        if partial:
+            pending[0] = memoryview(pending[0])[partial:]
+            rest = abi.PAGE_SIZE - partial
+            while rest:  # finish the split page before the next writev
+                rest -= os.write(fd, pending[0][-rest:])
+            del pending[0]
+
+
 def _or_into(target: bytearray, other: bytes | bytearray) -> None:
     merged = int.from_bytes(target, "little") | int.from_bytes(other, "little")
     target[:] = merged.to_bytes(len(target), "little")
@@ -139,8 +156,9 @@ def _or_into(target: bytearray, other: bytes | bytearray) -> None:
 class _LiveSaver:
     def __init__(self, hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], bool], policy,
                  clock, guest_runs: Callable[[int], None] | None, on_round: Callable[[RoundReport], None] | None,
-                 libxl: bool, checkpoint: Callable[[int], bool] | None) -> None:
+                 libxl: bool, checkpoint: Callable[[int], bool] | None, payload_fd: int | None) -> None:
         self.hv = hv
+        self.payload_fd = payload_fd
         self.domid = domid
         self.writer = writer
         self.suspend = suspend
@@ -355,8 +373,11 @@ class _LiveSaver:
     def _write_batch(self, pfns: list[int]) -> tuple[int, int]:
         """Send `pfns` as one PAGE_DATA record; returns (pages with data, entries sent as XTAB to retry)."""
         view, hv, domid = self.view, self.hv, self.domid
-        p2m = view.p2m
-        gfns = [p2m[pfn] for pfn in pfns]
+        if pfns[-1] - pfns[0] + 1 == len(pfns):  # an ascending run: read the P2M a leaf at a time
+            gfns = view.gfns(pfns[0], len(pfns))
+        else:
+            p2m = view.p2m
+            gfns = [p2m[pfn] for pfn in pfns]
         codes = hypervisor_call(f"page-type query of {len(pfns)} pfns from {pfns[0]:#x}", hv.get_page_types, domid, gfns)
         unknown = set(codes) - _KNOWN_CODES
         if unknown:
@@ -379,8 +400,14 @@ class _LiveSaver:
             pfn = pfns[i]
             self.deferred[pfn >> 3] |= 1 << (pfn & 7)
             types[i] = _XTAB
-        payloads = [page for page in payloads if page is not None]
-        self.writer.page_data(pfns, types, payloads)
+        if retry:
+            payloads = [page for page in payloads if page is not None]
+        if self.payload_fd is None:
+            self.writer.page_data(pfns, types, payloads)
+        else:  # the writer's split form: head from it, the pages straight from guest memory
+            length = self.writer.page_data_header(pfns, types)
+            _write_pages(self.payload_fd, payloads)
+            self.writer.payload_written(length)
         return len(payloads), len(retry)
 
     def _normalise(self, pfns, types, data_index, payloads, tables: list[int]) -> list[int]:
@@ -425,10 +452,14 @@ class _LiveSaver:
 def save_pv_live(hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], bool], *, policy=None,
                  clock=None, guest_runs: Callable[[int], None] | None = None,
                  on_round: Callable[[RoundReport], None] | None = None, libxl: bool = False,
-                 checkpoint: Callable[[int], bool] | None = None) -> LiveSaveResult:
-    """Live-migrate PV domain `domid` into `writer` (see the module doc); log-dirty is off afterwards."""
+                 checkpoint: Callable[[int], bool] | None = None, payload_fd: int | None = None) -> LiveSaveResult:
+    """Live-migrate PV domain `domid` into `writer` (see the module doc); log-dirty is off afterwards.
+
+    With `payload_fd` (the fd the writer writes to), page payloads go out with writev straight from
+    guest memory instead of through the writer.
+    """
     saver = _LiveSaver(hv, domid, writer, suspend, policy or XenPolicy(), clock, guest_runs, on_round, libxl,
-                       checkpoint)
+                       checkpoint, payload_fd)
     try:
         return saver.run()
     finally:

@@ -14,7 +14,7 @@ import sys
 
 from xenstream.convert import edge
 from xenstream.convert.bench import parse_size
-from xenstream.convert.migrate import ReceiveOptions, host_frames_for, receive_from_fd
+from xenstream.convert.migrate import ReceiveOptions, host_frames_for, prepare_host, receive_from_fd
 from xenstream.convert.service_config import ConfigError, TcpAddress, parse_socket_address
 
 
@@ -38,6 +38,7 @@ def run(args) -> int:
     if not isinstance(address, TcpAddress):
         raise edge.UsageError("--listen needs HOST:PORT")
     options = ReceiveOptions(max_vcpus=args.max_vcpus, host_frames=host_frames_for(host_bytes), digest=args.digest)
+    xen = prepare_host(options)
     with socket.create_server((address.host, address.port)) as server:
         host, port = server.getsockname()[:2]
         print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
@@ -46,7 +47,7 @@ def run(args) -> int:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         commits = (lambda n: print(f"checkpoint {n} committed", file=sys.stderr, flush=True)) \
             if sys.stderr.isatty() else None
-        report = receive_from_fd(conn.fileno(), options, on_commit=commits)
+        report = receive_from_fd(conn.fileno(), options, on_commit=commits, xen=xen)
     report["peer"] = f"{peer[0]}:{peer[1]}"
     if args.report == "-":
         sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 import os
+from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -249,9 +251,11 @@ class HvmRestorer:
             raise _Fail("received before STATIC_DATA_END")
         pfns, types = body.pfns, body.types
         first = pfns[0]
-        if pfns == tuple(range(first, first + len(pfns))) and abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types):
+        if pfns == array("Q", range(first, first + len(pfns))) and abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types):
             self._populate_run(first, len(pfns))
-            data_pfns = pfns
+            data_pfns = range(first, first + len(pfns))
+        elif _NEEDS_RAM.isdisjoint(types):  # a hole: nothing to allocate or receive
+            data_pfns = ()
         else:
             self._populate([p for p, t in zip(pfns, types) if t in _NEEDS_RAM])
             data_pfns = [p for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]
@@ -274,14 +278,14 @@ class HvmRestorer:
             return
         self._populate(list(range(first, first + count)))
 
-    def _populate(self, gfns: list[int]) -> None:
-        missing = [g for g in gfns if self._populated.missing(g, 1)]
+    def _populate(self, gfns) -> None:
+        """Populate the gfns not populated yet: a 2 MiB extent for each aligned block they fill completely."""
+        missing = list(dict.fromkeys(g for g in gfns if self._populated.missing(g, 1)))
         if not missing:
             return
-        present = set(missing)
-        extents = sorted({g - g % _SPAN for g in missing if all(s in present for s in range(g - g % _SPAN, g - g % _SPAN + _SPAN))})
-        covered = {g + k for g in extents for k in range(_SPAN)}
-        self._allocate(extents, [g for g in missing if g not in covered])
+        per_block = Counter(g // _SPAN for g in missing)
+        full = {block for block, n in per_block.items() if n == _SPAN}
+        self._allocate(sorted(block * _SPAN for block in full), [g for g in missing if g // _SPAN not in full])
         self._populated.mark(missing)
 
     def _allocate(self, extents: list[int], singles: list[int]) -> None:

@@ -62,7 +62,7 @@ def run_hvm(args) -> int:
             summary = (f"saved {spec} as a v1 stream ({result.toolstack_width}-bit toolstack): "
                        f"p2m_size {result.p2m_size:#x}, {result.pages_written} pages, {result.param_chunks} param chunks")
         else:
-            result = save_hvm_libxl(xen, guest.domid, V2Writer(fd), suspend, emulator)
+            result = save_hvm_libxl(xen, guest.domid, V2Writer(fd), suspend, emulator, payload_fd=fd)
             summary = (f"saved {spec} as a v2 libxl stream: p2m_size {result.p2m_size:#x}, {result.pages_written} pages, "
                        f"{result.records} libxc records, {len(result.params)} params, "
                        f"HVM context {result.context_length} bytes")

@@ -48,6 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="guest and workload seed (default 1)")
     parser.add_argument("--repeat", type=int, default=2, help="throughput rounds, best counts (default 2)")
     parser.add_argument("--skip-throughput", action="store_true", help="policies only")
+    parser.add_argument("--skip-policies", action="store_true", help="throughput only")
     parser.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
 
 
@@ -58,7 +59,7 @@ def run(args) -> int:
     failures = 0
     print(f"{'workload':12s} {'policy':9s} {'rounds':>6s} {'final pages':>11s} {'total pages':>11s} "
           f"{'x guest':>8s} {'bytes':>10s}")
-    for name, workload, extra in WORKLOADS:
+    for name, workload, extra in [] if args.skip_policies else WORKLOADS:
         runs = {policy: _policy_run(spec, workload, policy, args) for policy in ("xen", "adaptive")}
         figures["policies"][name] = {"workload": workload, "extra": extra, **runs}
         for policy, r in runs.items():
@@ -162,7 +163,7 @@ def _migrate_once(spec: str, size: int, scratch: str) -> tuple[float, int]:
         address = receiver.stderr.readline().split()[-1]
         subprocess.run([sys.executable, "-m", "xenstream.convert", "-q", "migrate", "--guest", spec, "--workload",
                         "idle", "--to", address, "--report", sent], check=True, timeout=600,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         receiver.wait(600)
     finally:
         if receiver.poll() is None:

@@ -71,13 +71,9 @@ class _Populated:
     def __init__(self) -> None:
         self._chunks: dict[int, bytearray] = {}
 
-    def missing(self, first: int, count: int) -> list[int]:
-        out = []
-        for start in range(first, first + count):
-            chunk = self._chunks.get(start >> _CHUNK_SHIFT)
-            if chunk is None or not chunk[start & ((1 << _CHUNK_SHIFT) - 1)]:
-                out.append(start)
-        return out
+    def __contains__(self, gfn: int) -> bool:
+        chunk = self._chunks.get(gfn >> _CHUNK_SHIFT)
+        return chunk is not None and bool(chunk[gfn & ((1 << _CHUNK_SHIFT) - 1)])
 
     def run_missing(self, first: int, count: int) -> bool:
         """True when none of first..first+count-1 (within one chunk) is populated."""
@@ -280,7 +276,7 @@ class HvmRestorer:
 
     def _populate(self, gfns) -> None:
         """Populate the gfns not populated yet: a 2 MiB extent for each aligned block they fill completely."""
-        missing = list(dict.fromkeys(g for g in gfns if self._populated.missing(g, 1)))
+        missing = list(dict.fromkeys(g for g in gfns if g not in self._populated))
         if not missing:
             return
         per_block = Counter(g // _SPAN for g in missing)

@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 
 from tests.v2 import hvm_support as hs
 from xenstream.hv import abi, hvm_context, hvm_params
-from xenstream.hv.emulator import EmulatorState
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import MalformedStream, StreamError, TruncatedStream, UnsupportedStream
-from xenstream.v2.events import NEED_DATA, EndOfStream, LibxcRecord, LibxlRecord, PagePayload
+from xenstream.v2.events import NEED_DATA, EndOfStream, LibxcRecord, LibxlRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.restore_hvm import HvmRestorer, restore_hvm_new_domain
 from xenstream.v2.save import SaveError
@@ -324,3 +323,18 @@ def records_unchecked(stream: bytes):
             return out
         if isinstance(event, LibxcRecord):
             out.append(("libxc", event.type, event))
+
+
+def test_a_gfn_sent_twice_is_populated_once_and_holds_the_last_copy(source, restored):
+    page_data = [e for e in events(source.stream) if isinstance(e, LibxcRecord) and e.type == C.REC_PAGE_DATA]
+    record = page_data[1]
+    assert set(record.body.types) == {abi.PAGETYPE_NOTAB}
+    size = 8 + record.length
+    original = source.stream[record.offset:record.offset + size]
+    changed = bytearray(original)
+    changed[size - abi.PAGE_SIZE:] = b"\xa5" * abi.PAGE_SIZE  # the record's last page
+    at = record.offset + size
+    xen, result = hs.restore(source.stream[:at] + bytes(changed) + source.stream[at:])
+    assert result.pages_populated == restored[1].pages_populated
+    last = record.body.pfns[-1]
+    assert bytes(xen.map_foreign(result.domid, [last])[0]) == b"\xa5" * abi.PAGE_SIZE

@@ -328,7 +328,6 @@ def records_unchecked(stream: bytes):
 def test_a_gfn_sent_twice_is_populated_once_and_holds_the_last_copy(source, restored):
     page_data = [e for e in events(source.stream) if isinstance(e, LibxcRecord) and e.type == C.REC_PAGE_DATA]
     record = page_data[1]
-    assert set(record.body.types) == {abi.PAGETYPE_NOTAB}
     size = 8 + record.length
     original = source.stream[record.offset:record.offset + size]
     changed = bytearray(original)
@@ -336,5 +335,5 @@ def test_a_gfn_sent_twice_is_populated_once_and_holds_the_last_copy(source, rest
     at = record.offset + size
     xen, result = hs.restore(source.stream[:at] + bytes(changed) + source.stream[at:])
     assert result.pages_populated == restored[1].pages_populated
-    last = record.body.pfns[-1]
+    last = [p for p, t in zip(record.body.pfns, record.body.types) if t == abi.PAGETYPE_NOTAB][-1]
     assert bytes(xen.map_foreign(result.domid, [last])[0]) == b"\xa5" * abi.PAGE_SIZE

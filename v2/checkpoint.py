@@ -13,8 +13,10 @@ CHECKPOINT_END after it in a libxl stream (libxl answers libxc's checkpoint call
 its own records up to CHECKPOINT_END). When the input ends anywhere else - mid-record, mid-checkpoint,
 between CHECKPOINT and CHECKPOINT_END - the partial checkpoint is dropped and the guest is completed from
 the last complete one (failover); before the first complete checkpoint that is an error, since no
-consistent state exists. END completes the stream normally (what 4.6 senders wrote). A plain stream
-goes straight through, so this also restores ordinary (live or not) streams.
+consistent state exists. END completes the stream normally (4.6 senders wrote it right after a
+CHECKPOINT); like Xen's restorer (`xg_sr_restore.c`: END is processed, not buffered), records between
+the last CHECKPOINT and END are dropped. A plain stream goes straight through, so this also restores
+ordinary (live or not) streams.
 
 The inner engine sees a bare libxc stream (headers, then records, CHECKPOINT and libxl records left out):
 offsets in its errors count from the libxc image header.
@@ -135,8 +137,9 @@ class CheckpointRestorer:
                 self._commit()
         elif event.type == C.REC_END:
             self._begin(event.offset, _DROP)
-            if self._held:  # END right after a checkpoint's records completes that checkpoint
-                self._commit()
+            if self._held:  # as Xen's restorer: END is processed, records buffered since CHECKPOINT are not
+                log.warning("records after the last CHECKPOINT dropped at END", chunks=len(self._held))
+                self._held.clear()
             self.inner.feed(_END_RECORD)
             self._complete(failover=False, reason="END")
         else:

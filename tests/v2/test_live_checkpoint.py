@@ -12,6 +12,7 @@ from tests.v2.live_support import migrate, start_guest
 from xenstream.v2 import constants as C
 from xenstream.v2.checkpoint import CheckpointRestorer
 from xenstream.v2.errors import TruncatedStream
+from xenstream.v2.libxl_records import LibxlHeader
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.verify import verify_bytes
@@ -120,3 +121,20 @@ def test_a_plain_stream_cut_short_is_an_error():
     run = migrate(start_guest(SPEC), "idle")
     with pytest.raises(TruncatedStream):
         restore(run, run.stream[:-8])
+
+
+def test_end_after_a_checkpoint_completes_it_and_drops_records_after_the_last_checkpoint(checkpointed):
+    run = checkpointed
+    starts, commits = boundaries(run.stream)
+    libxl = run.stream.startswith(LibxlHeader().pack())
+    tail = es._RECORD.pack(C.REC_END, 0) + (es._RECORD.pack(C.LIBXL_REC_END, 0) if libxl else b"")
+    # END right at the second commit point: a clean end after checkpoint 2.
+    xen, outcome = restore(run, run.stream[:commits[1]] + tail)
+    assert (outcome.checkpoints, outcome.failover, outcome.reason) == (2, False, "END")
+    es.assert_same_guest(run.suspended[1][0], es.restored_digest(xen, outcome.result), es.exempt_pfns(run.guest))
+    # END after some records of checkpoint 3: those are dropped, checkpoint 2 stands.
+    inside = next(s for s in starts if s > commits[1] + 4096)
+    assert inside < commits[2]
+    xen, outcome = restore(run, run.stream[:inside] + tail)
+    assert (outcome.checkpoints, outcome.failover) == (2, False)
+    es.assert_same_guest(run.suspended[1][0], es.restored_digest(xen, outcome.result), es.exempt_pfns(run.guest))

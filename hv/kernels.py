@@ -66,27 +66,37 @@ def load_compiled_kernels() -> dict | None:
         return struct, m2p
 
     def pages_buffer(pages, count: int):
-        buf = ffi.from_buffer("uint8_t[]", pages, require_writable=True)
-        if len(buf) < count * 4096:
-            raise ValueError(f"{count} pages need {count * 4096} bytes, buffer has {len(buf)}")
-        return buf
+        # Checked before the view exists: a from_buffer view alive in a raising frame can end up in a
+        # garbage-collected cycle with its exporter, and freeing the two in the wrong order crashes CPython.
+        size = memoryview(pages).nbytes
+        if size < count * 4096:
+            raise ValueError(f"{count} pages need {count * 4096} bytes, buffer has {size}")
+        return ffi.from_buffer("uint8_t[]", pages, require_writable=True)
 
     def normalise_pages(tables: TranslationTables, pages, levels, status: bytearray) -> int:
         levels = bytes(levels)
         if len(status) < len(levels):
             raise ValueError("status buffer shorter than the batch")
-        struct, _keep = native_tables(tables)
-        return lib.xs_normalise_pages(struct, pages_buffer(pages, len(levels)), levels, len(levels),
-                                      ffi.from_buffer("uint8_t[]", status, require_writable=True))
+        struct, m2p = native_tables(tables)
+        try:
+            return lib.xs_normalise_pages(struct, pages_buffer(pages, len(levels)), levels, len(levels),
+                                          ffi.from_buffer("uint8_t[]", status, require_writable=True))
+        finally:
+            ffi.release(m2p)
 
     def localise_pages(tables: TranslationTables, pages, levels, missing) -> int:
         levels = bytes(levels)
         if len(missing) < len(levels) * 512:
             raise ValueError("missing buffer needs room for 512 pfns per page")
-        struct, _keep = native_tables(tables)
+        struct, m2p = native_tables(tables)
         err = ffi.new("int64_t[3]")
         out = ffi.from_buffer("uint64_t[]", missing, require_writable=True)
-        result = lib.xs_localise_pages(struct, pages_buffer(pages, len(levels)), levels, len(levels), out, err)
+        try:
+            result = lib.xs_localise_pages(struct, pages_buffer(pages, len(levels)), levels, len(levels), out, err)
+        finally:
+            # Released before anything is raised, for the reason given in pages_buffer.
+            ffi.release(out)
+            ffi.release(m2p)
         if result < 0:
             reason, page, entry = err[0], err[1], err[2]
             raise TranslationError(reason, f"page {page} entry {entry}: {_LOCALISE_REASONS[reason]}", page, entry)

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 from xenstream.convert.bench import Benchmark, human_size, parse_size, register
 

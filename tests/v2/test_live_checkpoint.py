@@ -12,8 +12,8 @@ from tests.v2.live_support import migrate, start_guest
 from xenstream.v2 import constants as C
 from xenstream.v2.checkpoint import CheckpointRestorer
 from xenstream.v2.errors import TruncatedStream
-from xenstream.v2.libxl_records import LibxlHeader
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord
+from xenstream.v2.libxl_records import LibxlHeader
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.verify import verify_bytes
 

@@ -234,6 +234,9 @@ class Transformer:
 
     def _detected(self, event: ev.Detected) -> None:
         self._guest = event.guest
+        for evidence in event.evidence:
+            log.info("stream variant", what=evidence.what, value=evidence.value, source=evidence.source,
+                     reason=evidence.reason)
         if self.options.fmt == AUTO_FORMAT and event.guest == "hvm":
             self._libxl = True
 

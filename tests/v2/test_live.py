@@ -236,3 +236,22 @@ def test_libxl_wrapped_live_stream_restores():
     run = migrate(start_guest(GUESTS[0]), "uniform:rate=5000", libxl=True)
     assert verify_bytes(run.stream).ok
     assert_restored_as_suspended(run)
+
+
+@pytest.mark.parametrize("policy", ["xen", "adaptive"])
+def test_page_ballooned_out_and_back_in_after_it_was_sent_arrives_with_its_new_frame(policy):
+    run = start_guest("pv64:mem=16M,vcpus=2,seed=23")
+    machine = run.xen.machine
+    target = next(p for p in run.guest.data_pfns() if machine.tcount[machine.slot_of(run.guest.p2m(p))] == 1)
+    batches = []
+
+    def balloon(_nbytes):
+        batches.append(1)
+        if len(batches) == 2:  # round 1 sent the target in its first batch
+            run.guest.balloon_out(target)
+        elif len(batches) == 3:
+            run.guest.balloon_in(target)  # a fresh (zeroed) frame the guest has not written yet
+
+    migrate(run, "uniform:rate=5000", policy=policy, guest_runs=balloon)
+    xen, result = assert_restored_as_suspended(run)
+    assert bytes(xen.machine.frame(result.p2m[target])) == bytes(4096)

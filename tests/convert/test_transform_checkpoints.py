@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import SHARED
 from tests.convert.v2state import convert_bytes, has_end_record, partial_output, restored_state, vector_vcpus
@@ -134,3 +136,27 @@ def test_hvm_remus_closes_with_the_last_checkpoints_context_and_device_model(tmp
         assert written_contexts == contexts and written_models == models
     else:
         assert written_contexts == contexts[-1:] and written_models == models[-1:]
+
+
+@pytest.fixture(scope="module")
+def remus_stream() -> bytes:
+    return build_stream(BuildOptions(guest="pv", pages=24, holes=1, checkpoints=3, compression=True, seed=7))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(min_value=0.0, max_value=1.0))
+def test_cut_anywhere(remus_stream, tmp_path, fraction):
+    """Cut anywhere: inside checkpoint 1 it fails without END; later, the output is exactly the state
+    of the last checkpoint complete before the cut."""
+    ends = _checkpoint_ends(remus_stream)
+    cut = int(fraction * len(remus_stream))
+    complete = [end for end in ends if end <= cut]
+    if not complete:
+        written, error = partial_output(remus_stream[:cut], tmp_path)
+        assert type(error).__name__ in ("TruncatedStream", "DetectionError")
+        assert not has_end_record(written)
+        return
+    data, result = convert_bytes(remus_stream[:cut], tmp_path)
+    reference, _ = convert_bytes(remus_stream[: complete[-1]], tmp_path)
+    assert result.summary.checkpoints == len(complete)
+    assert restored_state(data)["digest"] == restored_state(reference)["digest"]

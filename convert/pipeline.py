@@ -58,10 +58,11 @@ class InlineVerifier:
         self.reader = V2Reader(layer="auto", payload="passthrough", strict=True)
         self.verifier = Verifier(fmt="auto", checkpointed=checkpointed)
         self._failed = False
+        self._ended = False
 
     def feed(self, data) -> None:
-        if self._failed:
-            return
+        if self._failed or self._ended:
+            return  # after END: libxc format's copied device-model record is no part of the v2 stream
         view = memoryview(data).cast("B")
         if self.reader.payload_remaining and not self.reader.buffered:
             take = min(len(view), self.reader.payload_remaining)
@@ -89,6 +90,7 @@ class InlineVerifier:
                     return
                 self.verifier.feed_event(event)
                 if isinstance(event, v2events.EndOfStream):
+                    self._ended = True
                     return
         except V2StreamError as exc:
             self._failed = True
@@ -101,7 +103,7 @@ class InlineVerifier:
             raise OutputVerificationFailed(f"output failed verification: {report.lines()[0]}")
 
     def finish(self):
-        if not self._failed:
+        if not self._failed and not self._ended:
             self.reader.feed(b"")
             self._pump()
         return self.verifier.finish()

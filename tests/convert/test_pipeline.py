@@ -220,3 +220,12 @@ def test_falls_back_when_the_kernel_refuses(stream, reference, tmp_path):
     os.close(fd_out)
     assert target.read_bytes() == reference
     assert result.moved_by.get("buffered", 0) > len(stream) // 2
+
+
+def test_verify_stops_at_end_of_libxc_stream(tmp_path):
+    """libxc format copies the device-model record after END, as Xen's converter does; --verify checks
+    the v2 stream up to END and does not take that record for trailing garbage."""
+    hvm = build_stream(BuildOptions(guest="hvm", pages=8, holes=1, device_model_size=500))
+    data, result = convert_bytes(hvm, tmp_path, verify=True, fmt="libxc")
+    assert result.report.ok, result.report.lines()
+    assert b"DeviceModelRecord0002" in data[-600:]

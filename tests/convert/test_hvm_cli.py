@@ -104,3 +104,8 @@ def test_corrupted_hvm_context_fails_in_one_line(images, capsys, tmp_path):
 def test_bad_hvm_spec_is_a_usage_error(capsys, tmp_path):
     code, _, err = run(capsys, "save", "--guest", "hvm:mem=1M,vcpus=0", "-o", str(tmp_path / "x"))
     assert code != 0 and "vcpus" in err and not (tmp_path / "x").exists()
+
+
+def test_our_verifier_accepts_the_hvm_save(images, capsys):
+    code, out, err = run(capsys, "verify", str(images["v2"]))
+    assert code == 0 and "HVM stream" in out + err and "0 errors" in out + err

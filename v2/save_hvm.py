@@ -46,6 +46,7 @@ _NOTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_NOTAB)
 _XTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_XTAB)
 _XTAB_WORD = abi.PAGETYPE_XTAB << _TYPE_SHIFT
 _IOV_MAX = 1024
+_UNIFORM = {code: array("I", [code] * abi.MAX_BATCH_SIZE).tobytes() for code in (_NOTAB, _XTAB)}
 
 
 @attrs.frozen
@@ -65,10 +66,10 @@ def migrated_params(hv: Hypervisor, domid: int) -> tuple[tuple[int, int], ...]:
     return tuple((index, value) for index, value in values if value)
 
 
-def page_data_head(first: int, codes) -> bytes:
-    """Record header and pfn words of PAGE_DATA for gfns first..first+len(codes)-1 of the given page-type codes."""
+def page_data_head(first: int, codes, present: set[int]) -> bytes:
+    """Record header and pfn words of PAGE_DATA for gfns first..first+len(codes)-1 of the given page-type
+    codes (`present`: the set of them)."""
     count = len(codes)
-    present = set(codes)
     if present == {_XTAB}:  # a hole: the type bits sit above every pfn bit, so the words are a range too
         words = array("Q", range(first | _XTAB_WORD, (first + count) | _XTAB_WORD))
     else:
@@ -80,6 +81,17 @@ def page_data_head(first: int, codes) -> bytes:
     data_pages = count - sum(codes.count(code) for code in present & _DATALESS_CODES)
     head = array("I", [C.REC_PAGE_DATA, 8 + 8 * count + abi.PAGE_SIZE * data_pages, count, 0])
     return head.tobytes() + words.tobytes()
+
+
+def code_set(codes) -> set[int]:
+    """The distinct codes of a page-type answer; a batch of nothing but RAM or nothing but hole is
+    recognised by one comparison of its bytes (no int per gfn)."""
+    raw = (codes if isinstance(codes, array) and codes.itemsize == 4 else array("I", codes)).tobytes()
+    if raw == _UNIFORM[_NOTAB][:len(raw)]:
+        return {_NOTAB}
+    if raw == _UNIFORM[_XTAB][:len(raw)]:
+        return {_XTAB}
+    return set(codes)
 
 
 class _HvmSaver:
@@ -147,7 +159,7 @@ class _HvmSaver:
         for first in range(0, p2m_size, abi.MAX_BATCH_SIZE):
             gfns = range(first, min(first + abi.MAX_BATCH_SIZE, p2m_size))
             codes = hypervisor_call(f"page-type query of gfns {first:#x}+{len(gfns)}", hv.get_page_types, domid, gfns)
-            present = set(codes)
+            present = code_set(codes)
             unknown = present - _KNOWN_CODES
             if unknown:
                 i = next(i for i, code in enumerate(codes) if code in unknown)
@@ -164,9 +176,9 @@ class _HvmSaver:
                 if None in payloads:
                     raise SaveError(f"cannot map gfn {data_gfns[payloads.index(None)]:#x}", errno.EFAULT)
             if self.payload_fd is None or not payloads:
-                self.writer.write(page_data_head(first, codes), *payloads)
+                self.writer.write(page_data_head(first, codes, present), *payloads)
             else:  # the head through the writer, the pages straight from guest memory
-                self.writer.write(page_data_head(first, codes))
+                self.writer.write(page_data_head(first, codes, present))
                 _writev_all(self.payload_fd, payloads)
                 self.writer.payload_written(len(payloads) * abi.PAGE_SIZE)
             self.records += 1

@@ -247,11 +247,11 @@ class HvmRestorer:
             raise _Fail("received before STATIC_DATA_END")
         pfns, types = body.pfns, body.types
         first = pfns[0]
-        if pfns == array("Q", range(first, first + len(pfns))) and abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types):
+        if _NEEDS_RAM.isdisjoint(types):  # a hole: nothing to allocate or receive
+            data_pfns = ()
+        elif abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types) and pfns == array("Q", range(first, first + len(pfns))):
             self._populate_run(first, len(pfns))
             data_pfns = range(first, first + len(pfns))
-        elif _NEEDS_RAM.isdisjoint(types):  # a hole: nothing to allocate or receive
-            data_pfns = ()
         else:
             self._populate([p for p, t in zip(pfns, types) if t in _NEEDS_RAM])
             data_pfns = [p for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]

@@ -337,3 +337,17 @@ def test_a_gfn_sent_twice_is_populated_once_and_holds_the_last_copy(source, rest
     assert result.pages_populated == restored[1].pages_populated
     last = [p for p, t in zip(record.body.pfns, record.body.types) if t == abi.PAGETYPE_NOTAB][-1]
     assert bytes(xen.map_foreign(result.domid, [last])[0]) == b"\xa5" * abi.PAGE_SIZE
+
+
+def test_a_v2_stream_without_static_data_restores(source, restored):
+    """Xen 4.6-4.13 HVM streams: version 2, no STATIC_DATA_END and no policy records (spec 3.22/3.23)."""
+    from xenstream.v2.records import ImageHeader
+    stream = hs.save_v2(*hs.build(), libxl=False)
+    for rtype in (C.REC_X86_CPUID_POLICY, C.REC_X86_MSR_POLICY, C.REC_STATIC_DATA_END):
+        stream = b"".join(_drop(stream, rtype))
+    stream = ImageHeader(version=2).pack() + stream[len(ImageHeader().pack()):]
+    xen, result = hs.restore(stream)
+    digest = hvm_snapshot(xen, result.domid)
+    ref_xen, ref = restored
+    assert digest.pages == hvm_snapshot(ref_xen, ref.domid).pages
+    assert xen.get_cpu_policy(result.domid).cpuid == b""  # no policy in the stream: the domain keeps its own

@@ -266,6 +266,8 @@ class _LiveSaver:
             decision = self._decide(stats)
             iteration += 1
             if decision in (ABORT, STOP_NOW) or xen_dirty == 0:
+                if decision == STOP_NOW:  # this round's dirty pages are not sent live: the final pass takes them
+                    _or_into(self.deferred, self.bitmap)
                 self._report(iteration, True, xen_dirty, 0, 0, 0, 0, 0, 0.0, decision)
             else:
                 self._send_round(iteration, True, xen_dirty, decision, previous)
@@ -282,8 +284,6 @@ class _LiveSaver:
             stats = attrs.evolve(stats, dirty_count=xen_dirty)
         if decision == ABORT:
             raise SaveError("the precopy policy aborted the migration", errno.ECANCELED)
-        if decision == STOP_NOW:  # the round's dirty pages were not sent live: they go in the final pass
-            _or_into(self.deferred, self.bitmap)
 
     def _send_round(self, number: int, live: bool, dirty: int, decision: int, previous: bytearray) -> None:
         started, position = self.clock.now(), self.writer.position

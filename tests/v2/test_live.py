@@ -255,3 +255,19 @@ def test_page_ballooned_out_and_back_in_after_it_was_sent_arrives_with_its_new_f
     migrate(run, "uniform:rate=5000", policy=policy, guest_runs=balloon)
     xen, result = assert_restored_as_suspended(run)
     assert bytes(xen.machine.frame(result.p2m[target])) == bytes(4096)
+
+
+def test_stopping_after_a_sent_round_does_not_resend_it():
+    run = start_guest(GUESTS[0])
+    workload = parse_workload("idle", run.guest)
+    clock = LinkClock(LINK)
+
+    def suspend():
+        run.guest.suspend()
+        return True
+
+    result = save_pv_live(run.xen, run.guest.domid, V2Writer(io.BytesIO()), suspend,
+                          policy=AdaptivePolicy(max_iterations=1), clock=clock,
+                          guest_runs=lambda n: (clock.transmitted(n), workload.run_until(clock.now())))
+    assert [r.live for r in result.rounds] == [True, False]
+    assert result.final_pages <= 4  # round 1 is not sent again

@@ -18,6 +18,7 @@ from tests.v2 import hvm_support as hs
 from xenstream.convert.pipeline import convert_fds
 from xenstream.convert.transform import ConvertOptions
 from xenstream.hv.emulator import EmulatorState
+from xenstream.v2.snapshot_hvm import hvm_snapshot
 
 pytestmark = pytest.mark.interop
 
@@ -63,3 +64,10 @@ def test_xen_converts_our_legacy_hvm_save_like_we_do(xen_tools, tmp_path, width,
     if fmt == "libxc":  # libxl output carries EMULATOR_XENSTORE_DATA, which Xen's verifier cannot read
         checked = verify(xen_tools, theirs.read_bytes(), fmt, tmp_path)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+    else:  # and Xen's conversion restores to the guest a v2 save of the same seed gives
+        source = hs.saved(SPEC)
+        xen, result = hs.restore(theirs.read_bytes(), SPEC)
+        ref_xen, ref = hs.restore(source.stream, SPEC)
+        ours_digest, ref_digest = hvm_snapshot(xen, result.domid), hvm_snapshot(ref_xen, ref.domid)
+        assert ours_digest.pages == ref_digest.pages and ours_digest.context_sha256 == ref_digest.context_sha256
+        assert result.xenstore == ref.xenstore and result.emulator_context == ref.emulator_context

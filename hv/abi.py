@@ -273,6 +273,7 @@ SHUTDOWN_REBOOT = 1
 SHUTDOWN_SUSPEND = 2
 SHUTDOWN_CRASH = 3
 
+DOMID_FIRST_RESERVED = 0x7FF0  # domids from here up name Xen itself, IO, COW, ...: never a guest
 DOMID_XEN = 0x7FF2
 DOMID_INVALID = 0x7FF4
 

@@ -110,8 +110,7 @@ class SimXen:
         """A new empty domain: shared_info and grant frame allocated, PV starts 64-bit, paused once."""
         if max_vcpus < 1:
             raise HypervisorError(errno.EINVAL, "a domain needs a vcpu")
-        domid = self._next_domid
-        self._next_domid += 1
+        domid = self._free_domid()
         shared_info, grant = self.machine.allocate_xenheap(domid, 2)
         for mfn in (shared_info, grant):
             self.machine.flags[self.machine.slot_of(mfn)] = FLAG_SPECIAL
@@ -122,6 +121,16 @@ class SimXen:
                                      vcpus=vcpus, shared_info_frame=shared_info, grant_frame=grant,
                                      tsc=DEFAULT_TSC, policy=CpuPolicy(b"", b""), pause_count=1)
         return domid
+
+    def _free_domid(self) -> int:
+        """As Xen: the next domid not in use, wrapping round below the reserved ids (a long-lived host
+        such as the restore service must never hand out DOMID_XEN, nor overflow the frame owner array)."""
+        for _ in range(abi.DOMID_FIRST_RESERVED):
+            domid = self._next_domid
+            self._next_domid = domid + 1 if domid + 1 < abi.DOMID_FIRST_RESERVED else 1
+            if domid not in self.domains:
+                return domid
+        raise HypervisorError(errno.ENOSPC, "no free domain id")
 
     def destroy_domain(self, domid: int) -> None:
         self._domain(domid)

@@ -10,6 +10,12 @@ compressed encoding arrives in many small COMPRESSED_DATA chunks was decoded fro
 after every chunk, quadratic in the page's encoding: 0.33 s of CPU for one page sent a byte at a time,
 ~40 KiB of hostile input per page. Fixed in legacy/compression.py: the run scan resumes where it
 stopped and a page is decoded once, when its encoding is complete.
+
+F3 (restore target, input 65,536 on one simulated host): SimXen handed out domids by counting up
+forever, so a long-lived host (the restore service keeps one for every connection) gave its 32,754th
+guest the id of Xen itself (DOMID_XEN) and failed with an OverflowError (an internal error) at the
+65,536th. Fixed in hv/sim/xen.py: as Xen, the next free domid, wrapping round below the reserved ids
+(abi.DOMID_FIRST_RESERVED).
 """
 
 from __future__ import annotations
@@ -157,3 +163,17 @@ def test_f2_a_remus_stream_with_one_byte_compressed_chunks_parses_the_same(monke
     expected = decoded(events)
     assert decoded(parse_bytes(stream)) == expected
     assert len(calls) == len(expected[0]) > 0
+
+
+def test_f3_domids_wrap_below_the_reserved_ids_and_skip_live_domains():
+    xen = SimXen(capacity_frames=4096, high_memory=False)
+    kept = xen.create_domain()
+    seen = {kept}
+    for _ in range(abi.DOMID_FIRST_RESERVED):
+        domid = xen.create_domain()
+        assert 0 < domid < abi.DOMID_FIRST_RESERVED
+        seen.add(domid)
+        xen.destroy_domain(domid)
+    assert len(seen) == abi.DOMID_FIRST_RESERVED - 1  # every valid id used once, 0 and the reserved never
+    assert xen.create_domain() != kept  # the wrap skipped the live domain
+    assert set(xen.machine.owner) <= {abi.DOMID_XEN, 0xFFFF, kept, *xen.domains}

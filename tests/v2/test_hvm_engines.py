@@ -351,3 +351,13 @@ def test_a_v2_stream_without_static_data_restores(source, restored):
     ref_xen, ref = restored
     assert digest.pages == hvm_snapshot(ref_xen, ref.domid).pages
     assert xen.get_cpu_policy(result.domid).cpuid == b""  # no policy in the stream: the domain keeps its own
+
+
+def test_every_migrated_param_survives():
+    spec = "hvm:mem=1M,vcpus=2,seed=2"  # a seed whose guest has all sixteen migrated params non-zero
+    xen, guest = hs.build(spec)
+    before = {i: xen.get_hvm_param(guest.domid, i) for i in hvm_params.MIGRATED}
+    assert all(before.values())
+    restored_xen, result = hs.restore(hs.save_v2(xen, guest), spec)
+    assert {i: restored_xen.get_hvm_param(result.domid, i) for i in hvm_params.MIGRATED} == before
+    assert [i for i, _ in result.params] == list(hvm_params.MIGRATED)

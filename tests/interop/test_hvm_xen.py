@@ -71,3 +71,27 @@ def test_xen_converts_our_legacy_hvm_save_like_we_do(xen_tools, tmp_path, width,
         ours_digest, ref_digest = hvm_snapshot(xen, result.domid), hvm_snapshot(ref_xen, ref.domid)
         assert ours_digest.pages == ref_digest.pages and ours_digest.context_sha256 == ref_digest.context_sha256
         assert result.xenstore == ref.xenstore and result.emulator_context == ref.emulator_context
+
+
+def test_xen_cannot_convert_the_4_5_4_x87_chunk_which_we_carry(xen_tools, tmp_path):
+    """4.5.4+ savers wrote HVM_X87_FIP_WIDTH (-21); Xen's converter stops at it, ours maps it to param 36."""
+    import io
+
+    from xenstream.hv import hvm_params
+    from xenstream.legacy.save_hvm import save_hvm_legacy
+    xen, guest = hs.build(SPEC)
+    xen.set_hvm_param(guest.domid, hvm_params.X87_FIP_WIDTH, 8)
+    out = io.BytesIO()
+    save_hvm_legacy(xen, guest.domid, out, suspend=hs.suspender(guest), emulator=lambda: guest.built.emulator,
+                    x87_fip_width_chunk=True)
+    source = tmp_path / "x87.v1"
+    source.write_bytes(out.getvalue())
+    proc = subprocess.run(["python3", xen_tools["convert"], "-i", str(source), "-o", str(tmp_path / "xen.v2"),
+                           "-w", "64", "-g", "hvm", "-f", "libxl"], env=xen_tools["env"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "Unrecognised chunk" in proc.stdout + proc.stderr
+    ours = tmp_path / "ours.v2"
+    with open(source, "rb") as fin, open(ours, "wb") as fout:
+        convert_fds(fin.fileno(), fout.fileno(), ConvertOptions(fmt="libxl"), verify=True)
+    restored_xen, result = hs.restore(ours.read_bytes(), SPEC)
+    assert restored_xen.get_hvm_param(result.domid, hvm_params.X87_FIP_WIDTH) == 8

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import pathlib
 import random
@@ -58,6 +59,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (0: from the clock)")
     parser.add_argument("--replay", nargs="*", metavar="PATH",
                         help="run these inputs (files or folders; none: the committed corpus) and stop")
+    parser.add_argument("--coverage", action="store_true",
+                        help="with --replay: line coverage of the code each target exercises (needs coverage.py)")
     parser.add_argument("--summary-line", action="store_true", help="end with one line over all targets")
     parser.add_argument("--json", metavar="FILE", help="also write the per-target figures as JSON")
     parser.set_defaults(func=run)
@@ -222,6 +225,11 @@ def _replay(names: list[str], args) -> int:
     for name in names:
         target = TARGETS[name]
         files = _inputs_of(args.replay or seed_dirs(name, target.kind))
+        if len(names) > 1 and args.replay:  # folders per target: a campaign's WORK, or a corpus root
+            roots = [pathlib.Path(p) / name for p in args.replay]
+            files = _inputs_of([*roots, *(r / "corpus" for r in roots), *(r / "built-seeds" for r in roots),
+                                *seed_dirs(name, target.kind)])
+        measure = _line_coverage(name) if args.coverage else None
         slowest = 0.0
         for path in files:
             try:
@@ -231,8 +239,35 @@ def _replay(names: list[str], args) -> int:
                     raise
                 failures += 1
                 print(f"fuzz {name}: {path}: {type(exc).__name__}: {exc}", flush=True)
-        print(f"fuzz {name}: replayed {len(files)} inputs, slowest {slowest * 1000:.0f} ms", flush=True)
+        covered = f", {_coverage_figure(measure)}" if measure is not None else ""
+        print(f"fuzz {name}: replayed {len(files)} inputs, slowest {slowest * 1000:.0f} ms{covered}", flush=True)
     return 1 if failures else 0
+
+
+def _line_coverage(name: str):
+    """A started coverage.py measurement of the modules in COVERAGE[name]."""
+    import coverage
+
+    paths = []
+    for module in COVERAGE[name]:
+        spec = importlib.util.find_spec(module)
+        if spec.submodule_search_locations:
+            paths += [f"{location}/*" for location in spec.submodule_search_locations]
+        else:
+            paths.append(spec.origin)
+    measure = coverage.Coverage(include=paths, branch=True, data_file=None)
+    measure.start()
+    return measure
+
+
+def _coverage_figure(measure) -> str:
+    import io
+
+    measure.stop()
+    percent = measure.report(file=io.StringIO())
+    data = measure.get_data()
+    lines = sum(len(data.lines(f) or ()) for f in data.measured_files())
+    return f"line+branch coverage {percent:.1f}% ({lines} lines run in {len(data.measured_files())} modules)"
 
 
 # ------------------------------------------------------------------ the child process

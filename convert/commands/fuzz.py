@@ -24,6 +24,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import pathlib
 import random
 import re
@@ -52,6 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--runs", type=int, default=0, metavar="N", help="stop each target after N inputs (0: no limit)")
     parser.add_argument("--engine", choices=("atheris", "random"), default="atheris",
                         help="atheris: coverage-guided (needs atheris); random: structure-aware mutation only")
+    parser.add_argument("--kernels", choices=("cffi", "python"), default="cffi",
+                        help="pagetable kernels of the children: the compiled ones (run, not instrumented: no "
+                             "clang here for libFuzzer's C coverage) or their pure-Python twins (instrumented)")
     parser.add_argument("--memory-mib", type=int, default=1024, metavar="M", help="address-space cap per target process")
     parser.add_argument("--seconds", type=float, default=2.0, metavar="S", help="CPU-time cap per input")
     parser.add_argument("--work", metavar="DIR", help="where the growing corpus and findings go (default: a temp dir)")
@@ -178,8 +182,9 @@ def _fuzz_target(name: str, seconds: float, work: pathlib.Path, args) -> Figures
         log_path = work / name / f"child-{restarts}.log"
         started = time.monotonic()
         with open(log_path, "wb") as log:
+            environment = dict(os.environ, XENSTREAM_KERNELS=args.kernels)
             try:
-                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
                                             timeout=left + CHILD_GRACE).returncode
             except subprocess.TimeoutExpired:  # run() has killed it
                 returncode = None

@@ -130,7 +130,7 @@ def _check_offsets(trace: list[tuple[str, int]], data: bytes, where: str) -> Non
         last = offset
 
 
-def _outcome(run: Callable[[], list], family, data: bytes, where: str):
+def _outcome(run: Callable[[list], None], family, data: bytes, where: str):
     """(trace, error) of one driven parse; error is (type name, offset) or None."""
     trace: list = []
     try:

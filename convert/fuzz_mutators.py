@@ -37,7 +37,6 @@ from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader
 from xenstream.v2.xl_header import XlHeader
 
-KINDS = ("v1", "v2", "compression")
 _ENTRIES_MAPPED = 8  # pfn entries of a batch / PAGE_DATA record mapped as fields (first ones and the last)
 
 

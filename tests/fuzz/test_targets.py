@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from xenstream.convert import fuzz_targets as ft
-from xenstream.convert.fuzz_mutators import Field, compression_layout, mutate, v1_layout, v2_layout
+from xenstream.convert.fuzz_mutators import compression_layout, mutate, v1_layout, v2_layout
 from xenstream.legacy.events import PageBatch
 from xenstream.legacy.parser import parse_bytes
 from xenstream.v2 import constants as C
@@ -188,7 +188,7 @@ def test_field_mutation_changes_one_field_only():
 def test_mutation_is_deterministic_for_a_seed():
     data = (CORPUS / "legacy-parse" / "hvm32-xenops.v1").read_bytes()
     assert [mutate(data, "v1", random.Random(7)) for _ in range(3)] == [mutate(data, "v1", random.Random(7))] * 3
-    assert Field(0, 4, "type") == Field(0, 4, "type")
+    assert len({mutate(data, "v1", random.Random(seed)) for seed in range(20)}) > 10
 
 
 # ------------------------------------------------------------------ the command

@@ -118,8 +118,25 @@ class OutputSink:
         self.bytes_written = 0
         self._buffer = buffer if buffer is not None else bytearray(1 << 20)
 
+    _held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        """From now on keep writes back until release(): the stream's closing records (END and what
+        follows it) reach the fd only once the inline verifier has accepted the whole stream, so a
+        rule only END can settle never fails after END was written. They are small and already in
+        memory (no page payload follows END)."""
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for data in held:
+            write_all(self.fd, data)
+
     def write(self, data) -> None:
-        write_all(self.fd, data)
+        if self._held is not None:
+            self._held.append(bytes(data))
+        else:
+            write_all(self.fd, data)
         self.bytes_written += memoryview(data).nbytes
         if self.verifier is not None:
             self.verifier.feed(data)
@@ -196,8 +213,8 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
     """Convert the v1 stream read from fd_in into a v2 stream written to fd_out.
 
     Raises the legacy StreamError family on bad input (output then has no END), and
-    OutputVerificationFailed when ``verify`` finds the output invalid (before END when the error shows
-    earlier, which is every error but a rule only the END record itself can settle). ``progress`` is
+    OutputVerificationFailed when ``verify`` finds the output invalid; either way the output then has no
+    END (with ``verify`` the closing records are held until the verifier has passed them). ``progress`` is
     called with the input bytes consumed so far, about once per page batch.
     """
     started = time.monotonic()
@@ -214,8 +231,12 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
         spools.append(FileSpool(sink, spool_dir or _spool_directory(fd_out)))
         return spools[0]
 
+    def before_end() -> None:
+        checker.check_so_far()
+        sink.hold()
+
     transformer = Transformer(writer, options, spool_factory=make_spool,
-                              before_end=checker.check_so_far if checker is not None else None)
+                              before_end=before_end if checker is not None else None)
     to_output = FdMover(fd_in, fd_out, buffer=buffer)
     to_journal: FdMover | None = None
     try:
@@ -243,6 +264,7 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
         report = checker.finish() if checker is not None else None
         if report is not None and not report.ok:
             raise OutputVerificationFailed(f"output failed verification: {report.lines()[0]}")
+        sink.release()
     finally:
         for spool in spools:
             spool.close()

@@ -210,6 +210,23 @@ def test_verify_failure_keeps_end_out(stream, tmp_path, monkeypatch):
     assert not has_end_record(target.read_bytes())
 
 
+def test_verify_failure_only_end_can_settle_keeps_end_out(stream, tmp_path, monkeypatch):
+    """A rule checked only at END (vcpu 0's BASIC record is mandatory) still keeps END out of the
+    output: the closing records are held until the verifier has passed the whole stream."""
+    from xenstream.convert import transform
+
+    handlers = dict(transform.Transformer._HANDLERS)
+    handlers[transform.ev.VcpuBasic] = transform.Transformer._ignored
+    monkeypatch.setattr(transform.Transformer, "_HANDLERS", handlers)
+    source, target = tmp_path / "in.v1", tmp_path / "out.v2"
+    source.write_bytes(stream)
+    with open(source, "rb") as fin, open(target, "wb") as fout:
+        with pytest.raises(OutputVerificationFailed, match="BASIC"):
+            convert_fds(fin.fileno(), fout.fileno(), ConvertOptions(fmt="libxl"), verify=True)
+    written = target.read_bytes()
+    assert written and not has_end_record(written)
+
+
 def test_falls_back_when_the_kernel_refuses(stream, reference, tmp_path):
     """An O_APPEND output refuses copy_file_range and sendfile: the reused buffer takes over, same bytes."""
     source, target = tmp_path / "in.v1", tmp_path / "out.v2"

@@ -16,6 +16,12 @@ forever, so a long-lived host (the restore service keeps one for every connectio
 guest the id of Xen itself (DOMID_XEN) and failed with an OverflowError (an internal error) at the
 65,536th. Fixed in hv/sim/xen.py: as Xen, the next free domid, wrapping round below the reserved ids
 (abi.DOMID_FIRST_RESERVED).
+
+F4 (found reading the converter's spool while the campaign ran; the convert target's CPU cap flags the
+input): the converter kept the spooled state's page types in one bytearray indexed by pfn, so a 52 KB
+HVM Remus stream declaring p2m_size 0x0FFFFFFF with one checkpoint-2 page at pfn 0x0FFFFFFE made it
+allocate 256 MiB and scan 268 million entries in Python (6 s of CPU, 285 MiB RSS). Fixed in
+convert/transform.py: windows of 65536 pfns allocated when first touched (9 ms, 29 MiB).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import io
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -177,3 +184,26 @@ def test_f3_domids_wrap_below_the_reserved_ids_and_skip_live_domains():
     assert len(seen) == abi.DOMID_FIRST_RESERVED - 1  # every valid id used once, 0 and the reserved never
     assert xen.create_domain() != kept  # the wrap skipped the live domain
     assert set(xen.machine.owner) <= {abi.DOMID_XEN, 0xFFFF, kept, *xen.domains}
+
+
+F4_INPUT = CORPUS / "regressions" / "convert--f4-high-pfn-in-checkpoint-2"
+
+
+def test_f4_one_high_pfn_in_a_later_checkpoint_converts_in_little_memory():
+    """Under a 96 MiB address-space allowance (the old dense table alone needed 256 MiB)."""
+    code = (
+        "import os, sys\n"
+        "from xenstream.convert.fuzz_targets import Caps, apply_memory_cap, reads_to_end\n"
+        "from xenstream.convert.pipeline import convert_fds\n"
+        "from xenstream.convert.transform import ConvertOptions\n"
+        "fd_in = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fd_out = os.memfd_create('out')\n"
+        "apply_memory_cap(Caps(memory_mib=96))\n"
+        "result = convert_fds(fd_in, fd_out, ConvertOptions(fmt='libxl'), spool_dir=sys.argv[2])\n"
+        "output = os.pread(fd_out, result.bytes_out, 0)\n"
+        "print(result.summary.checkpoints, reads_to_end(output))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(F4_INPUT), tempfile.gettempdir()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].split() == ["2", "None"]  # both checkpoints folded, output reads to END

@@ -32,7 +32,7 @@ import structlog
 from xenstream.hv.interface import Hypervisor
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import TruncatedStream
-from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
+from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, SkippedRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader
 from xenstream.v2.restore import PvRestorer, RestoreResult
@@ -55,9 +55,11 @@ class CheckpointOutcome:
 class CheckpointRestorer:
     def __init__(self, hv: Hypervisor, domid: int, *, on_commit: Callable[[int], None] | None = None,
                  **restorer_options) -> None:
-        self.inner = PvRestorer(hv, domid, **restorer_options)
+        self.inner = PvRestorer(hv, domid, payload="passthrough", **restorer_options)
         self.on_commit = on_commit
-        self._reader = V2Reader(layer="auto", payload="views", strict=False)
+        # Passthrough: this layer only needs the stream's structure, so PAGE_DATA payloads arriving in
+        # later chunks are counted, not buffered (see `_payload_bytes`).
+        self._reader = V2Reader(layer="auto", payload="passthrough", strict=False)
         self._raw = bytearray()
         self._raw_base = 0  # stream offset of _raw[0]
         self._cursor = 0  # bytes before this offset have been forwarded, held or dropped
@@ -75,14 +77,28 @@ class CheckpointRestorer:
         (or a committed checkpoint is itself bad)."""
         if self._outcome is not None:
             return
-        self._raw += data
         reader = self._reader
+        if data and reader.payload_remaining:
+            data = memoryview(data).cast("B")
+            n = min(reader.payload_remaining, data.nbytes)
+            self._payload_bytes(data[:n])
+            reader.payload_consumed(n)
+            data = data[n:]
+            if not data.nbytes:
+                return
+        self._raw += data
         try:
             reader.feed(data)
         except TruncatedStream as exc:
             self._fail_over(exc.message, exc.offset)
             return
         while self._outcome is None:
+            if reader.payload_remaining:
+                if reader.buffered:  # already in _raw: the element's bytes go on from there
+                    reader.take_payload()
+                    continue
+                if not reader.at_eof:
+                    return
             try:
                 event = reader.next_event()
             except TruncatedStream as exc:  # the input broke off inside an element
@@ -101,10 +117,21 @@ class CheckpointRestorer:
 
     # ------------------------------------------------------------------ bookkeeping of byte ranges
 
+    def _payload_bytes(self, chunk: memoryview) -> None:
+        """PAGE_DATA payload bytes that arrived after their record's head: forwarded ones go to the engine
+        at once (after the element's bytes before them), without a copy here; others join _raw."""
+        if self._class != _FORWARD:
+            self._raw += chunk
+            return
+        self._settle(self._raw_base + len(self._raw))
+        self.inner.feed_payload(chunk)
+        self._raw_base += chunk.nbytes
+        self._cursor = self._raw_base
+
     def _settle(self, offset: int) -> None:
         """Bytes from the cursor to `offset` belong to the element that began at the cursor: dispose of them."""
         start, end = self._cursor - self._raw_base, offset - self._raw_base
-        if self._class == _FORWARD:
+        if self._class == _FORWARD and end > start:  # (an empty feed would mean end of input)
             with memoryview(self._raw)[start:end] as chunk:  # the inner reader copies what it keeps
                 self.inner.feed(chunk)
         elif self._class == _HOLD:
@@ -154,9 +181,6 @@ class CheckpointRestorer:
     def _skipped(self, event: SkippedRecord) -> None:
         self._begin(event.offset, self._record_kind())
 
-    def _payload(self, event: PagePayload) -> None:
-        pass  # part of the PAGE_DATA element already begun
-
     def _end_of_stream(self, event: EndOfStream) -> None:
         self._settle(event.offset)
         if self._outcome is None:
@@ -199,6 +223,5 @@ _EVENTS: dict[type, Callable] = {
     LibxcRecord: CheckpointRestorer._libxc_record,
     LibxlRecord: CheckpointRestorer._libxl_record,
     SkippedRecord: CheckpointRestorer._skipped,
-    PagePayload: CheckpointRestorer._payload,
     EndOfStream: CheckpointRestorer._end_of_stream,
 }

@@ -27,7 +27,6 @@ with its size, while the guest is live, so a simulated guest runs in step with t
 from __future__ import annotations
 
 import errno
-import os
 import struct
 from collections.abc import Callable
 
@@ -52,7 +51,15 @@ from xenstream.v2.records import (
     X86PvP2mFrames,
     X86TscInfo,
 )
-from xenstream.v2.save import STREAM_VERSION, SaveError, _first_bad_entry, policy_records, vcpu_records
+from xenstream.v2.save import (
+    STREAM_VERSION,
+    SaveError,
+    _first_bad_entry,
+    page_data_head_of,
+    policy_records,
+    vcpu_records,
+    writev_all,
+)
 from xenstream.v2.writer import V2Writer, encode_record
 
 log = structlog.get_logger()
@@ -60,8 +67,8 @@ log = structlog.get_logger()
 _KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
 _DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
 _TABLE_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES if abi.pagetable_level(t))
+_DATALESS_OR_TABLE_CODES = _DATALESS_CODES | _TABLE_CODES
 _XTAB = abi.PFINFO_XTAB >> abi.PFINFO_LTAB_SHIFT
-_IOV_MAX = 1024
 _SET_BITS = [tuple(b for b in range(8) if byte >> b & 1) for byte in range(256)]
 
 
@@ -131,21 +138,6 @@ def set_pfns(bitmap: bytearray | bytes, limit: int) -> list[int]:
     while out and out[-1] >= limit:
         out.pop()
     return out
-
-
-def _write_pages(fd: int, pages: list) -> None:
-    """writev whole 4096-byte buffers, IOV_MAX at a time, resuming after short writes."""
-    pending = list(pages)
-    while pending:
-        written = os.writev(fd, pending[:_IOV_MAX])
-        full, partial = divmod(written, abi.PAGE_SIZE)
-        del pending[:full]
-        if partial:
-            pending[0] = memoryview(pending[0])[partial:]
-            rest = abi.PAGE_SIZE - partial
-            while rest:  # finish the split page before the next writev
-                rest -= os.write(fd, pending[0][-rest:])
-            del pending[0]
 
 
 def _or_into(target: bytearray, other: bytes | bytearray) -> None:
@@ -384,6 +376,9 @@ class _LiveSaver:
             i = next(i for i, code in enumerate(codes) if code in unknown)
             raise SaveError(f"unknown page type {codes[i]:#x} for pfn {pfns[i]:#x}")
         types = [code >> abi.PFINFO_LTAB_SHIFT for code in codes]
+        if (abi.INVALID_MFN not in gfns and set(codes).isdisjoint(_DATALESS_OR_TABLE_CODES)
+                and self._write_plain_batch(pfns, gfns, types)):
+            return len(pfns), 0
         retry = [i for i, gfn in enumerate(gfns) if gfn == abi.INVALID_MFN]
         data_index = [i for i, code in enumerate(codes) if code not in _DATALESS_CODES]
         payloads: list = []
@@ -402,13 +397,27 @@ class _LiveSaver:
             types[i] = _XTAB
         if retry:
             payloads = [page for page in payloads if page is not None]
+        self._emit(pfns, types, payloads)
+        return len(payloads), len(retry)
+
+    def _write_plain_batch(self, pfns: list[int], gfns, types: list[int]) -> bool:
+        """The common batch, every entry a plain page with data: mapped as runs of frames and sent with no
+        Python work per page. False (nothing written) if some frame does not map: the caller's per-page
+        path then names it."""
+        runs = hypervisor_call("map page batch", self.hv.map_foreign_runs, self.domid, gfns)
+        if sum(run.count for run in runs) != len(gfns):
+            return False
+        self._emit(pfns, types, [run.view for run in runs])
+        return True
+
+    def _emit(self, pfns: list[int], types: list[int], payloads: list) -> None:
         if self.payload_fd is None:
             self.writer.page_data(pfns, types, payloads)
-        else:  # the writer's split form: head from it, the pages straight from guest memory
-            length = self.writer.page_data_header(pfns, types)
-            _write_pages(self.payload_fd, payloads)
-            self.writer.payload_written(length)
-        return len(payloads), len(retry)
+        else:  # head and pages in one writev, the pages straight from guest memory
+            head = page_data_head_of(pfns, types)
+            total = len(head) + sum(len(buffer) for buffer in payloads)
+            writev_all(self.payload_fd, [head, *payloads], total)
+            self.writer.payload_written(total)
 
     def _normalise(self, pfns, types, data_index, payloads, tables: list[int]) -> list[int]:
         """Normalise the pagetable payloads in place; returns the batch indexes to defer (EAGAIN)."""

@@ -93,6 +93,19 @@ _NO_PENDING = _Pending((), (), [], [])
 
 
 @attrs.define
+class _PayloadSink:
+    """Passthrough mode: where the rest of the pending PAGE_DATA payload goes, as `_targets` gave it, and
+    how far it has been filled (segments[index] at byte `within` is next)."""
+
+    segments: list
+    scratch: list
+    first: int
+    count: int
+    index: int = 0
+    within: int = 0
+
+
+@attrs.define
 class _VcpuState:
     basic: bytes | None = None
     extended: bytes | None = None
@@ -149,6 +162,7 @@ class PvRestorer:
         self._pending = _NO_PENDING
         self._pending_next = 0
         self._scratch: memoryview | None = None
+        self._sink: _PayloadSink | None = None
         self._page_record_offset = 0
         self.pages_written = 0
         self.pages_populated = 0
@@ -157,9 +171,30 @@ class PvRestorer:
     # ------------------------------------------------------------------ driving
 
     def feed(self, data) -> None:
-        """Feed stream bytes (b"" = end of input) and apply every record they complete (views mode)."""
+        """Feed stream bytes (b"" = end of input) and apply every record they complete (in passthrough
+        mode payload bytes fed here are copied into the guest's frames as they come)."""
         self._reader.feed(data)
         self._drain()
+
+    @property
+    def payload_remaining(self) -> int:
+        """Passthrough mode: payload bytes of the pending PAGE_DATA record not received yet."""
+        return self._reader.payload_remaining
+
+    def feed_payload(self, data) -> None:
+        """Passthrough mode: the next bytes of the pending PAGE_DATA payload (at most `payload_remaining`),
+        copied straight into the guest's frames, without passing through the stream reader's buffer."""
+        view = memoryview(data).cast("B")
+        reader = self._reader
+        if view.nbytes > reader.payload_remaining:
+            raise ValueError(f"feed_payload() of {view.nbytes} bytes with {reader.payload_remaining} pending")
+        if not view.nbytes:
+            return
+        self._sink_copy(view)
+        reader.payload_consumed(view.nbytes)
+        if not reader.payload_remaining:
+            self._sink_complete()
+            self._drain()
 
     def run_fd(self, fd: int, initial: bytes = b"") -> RestoreResult:
         """Read the whole stream from `fd` (after `initial`, bytes already read from it) and finish.
@@ -182,7 +217,12 @@ class PvRestorer:
         reader = self._reader
         while not self._ended:
             if self._passthrough and reader.payload_remaining:
-                return False
+                if not reader.buffered:
+                    return False
+                self._sink_copy(reader.take_payload())
+                if not reader.payload_remaining:
+                    self._sink_complete()
+                continue
             event = reader.next_event()
             if event is NEED_DATA:
                 return False
@@ -217,6 +257,7 @@ class PvRestorer:
         """Drop the translation tables and guest mappings now (their native views pin buffers)."""
         self._tables = None
         self._pending = _NO_PENDING
+        self._sink = None
 
     def _call(self, what: str, call, *args):
         try:
@@ -369,22 +410,38 @@ class PvRestorer:
             position += len(segment)
         self._store(first, count, scratch)
 
+    def _payload_sink(self) -> _PayloadSink:
+        if self._sink is None:
+            first = self._pending_next
+            count = self._pending_remaining()
+            segments, scratch = self._targets(first, count)
+            self._sink = _PayloadSink(segments, scratch, first, count)
+        return self._sink
+
+    def _sink_copy(self, piece: memoryview) -> None:
+        """Passthrough mode: payload bytes into the pending record's targets, in order."""
+        sink = self._payload_sink()
+        segments, index, within = sink.segments, sink.index, sink.within
+        while piece:
+            segment = segments[index]
+            take = min(len(segment) - within, len(piece))
+            segment[within:within + take] = piece[:take]
+            piece = piece[take:]
+            within += take
+            if within == len(segment):
+                index, within = index + 1, 0
+        sink.index, sink.within = index, within
+
+    def _sink_complete(self) -> None:
+        sink, self._sink = self._sink, None
+        self._store(sink.first, sink.count, sink.scratch)
+
     def _receive_payload(self, fd: int) -> None:
-        """Passthrough mode: the rest of the pending PAGE_DATA payload, from the reader's buffer then the fd."""
+        """Passthrough mode: the rest of the pending PAGE_DATA payload from the fd, read straight into its targets
+        (what the reader had buffered of it is already there, see `_drain`)."""
         reader = self._reader
-        first = self._pending_next
-        count = self._pending_remaining()
-        segments, scratch = self._targets(first, count)
-        index, within = 0, 0  # the next byte lands in segments[index] at `within`
-        while reader.buffered and index < len(segments):
-            piece = reader.take_payload()
-            while piece:
-                take = min(len(segments[index]) - within, len(piece))
-                segments[index][within:within + take] = piece[:take]
-                piece = piece[take:]
-                within += take
-                if within == len(segments[index]):
-                    index, within = index + 1, 0
+        sink = self._payload_sink()
+        segments, index, within = sink.segments, sink.index, sink.within
         moved = 0
         while index < len(segments):
             vector = [segments[index][within:], *segments[index + 1:index + _IOV_MAX]]
@@ -401,7 +458,7 @@ class PvRestorer:
                 index += 1
             within = n
         reader.payload_consumed(moved)
-        self._store(first, count, scratch)
+        self._sink_complete()
 
     def _targets(self, first: int, count: int) -> tuple[list, list[tuple[int, int, int, int]]]:
         """Where pending pages first..first+count-1 are received, as buffers in payload order: runs of the

@@ -269,16 +269,20 @@ class _PvSaver:
             length = sum(len(buffer) for buffer in payloads)
             if self.payload_fd is None:
                 self.writer.write(head, *payloads)
-            else:  # the pages in one writev straight from guest memory (a batch is at most IOV_MAX buffers)
-                self.writer.write(head)
-                _writev_all(self.payload_fd, payloads, length)
-                self.writer.payload_written(length)
+            else:  # head and pages in one writev, the pages straight from guest memory
+                writev_all(self.payload_fd, [head, *payloads], len(head) + length)
+                self.writer.payload_written(len(head) + length)
             self.records += 1
             self.pages += length >> 12
 
 
 def page_data_head(first_pfn: int, types: list[int]) -> bytes:
-    """Record header and body head of the PAGE_DATA record for pfns first_pfn.. with these type nibbles.
+    """Record header and body head of the PAGE_DATA record for pfns first_pfn.. with these type nibbles."""
+    return page_data_head_of(range(first_pfn, first_pfn + len(types)), types)
+
+
+def page_data_head_of(pfns, types: list[int]) -> bytes:
+    """Record header and body head of the PAGE_DATA record for these pfns and type nibbles (1024 at most).
 
     Equal to `V2Writer`'s encoding (a test holds them together); built by the batch kernel, because a
     per-entry Python check costs a fifth of a save.
@@ -286,11 +290,11 @@ def page_data_head(first_pfn: int, types: list[int]) -> bytes:
     count = len(types)
     words = array("Q", bytes(8 * count))
     codes = array("I", [t << abi.PFINFO_LTAB_SHIFT for t in types])
-    pages = kernels.pack_page_words(array("Q", range(first_pfn, first_pfn + count)), codes, words)
+    pages = kernels.pack_page_words(array("Q", pfns), codes, words)
     return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + pages * abi.PAGE_SIZE, count, 0) + words.tobytes()
 
 
-def _writev_all(fd: int, buffers: list, total: int) -> None:
+def writev_all(fd: int, buffers: list, total: int) -> None:
     """Write the buffers (`total` bytes) in order; one writev for up to IOV_MAX buffers written whole."""
     pending = buffers
     while pending:

@@ -143,6 +143,55 @@ def test_restore_is_independent_of_feeding(chunk):
     check_round_trip(src, xen, result)
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 3 << 12), min_size=1, max_size=40), direct=st.lists(st.booleans(), min_size=1))
+def test_passthrough_feeding_restores_the_same_guest(sizes, direct):
+    """Passthrough mode fed by a driver: stream bytes through feed(), payload bytes through feed() or
+    feed_payload() in any split, restore the guest as the views mode does."""
+    from xenstream.v2.restore import PvRestorer
+
+    src = _passthrough_source()
+    xen = es.new_host(src.spec, 1)
+    domid = xen.create_domain(max_vcpus=src.spec.vcpus, max_pages=src.spec.nr_pages)
+    restorer = PvRestorer(xen, domid, store_evtchn=es.STORE_EVTCHN, console_evtchn=es.CONSOLE_EVTCHN,
+                          payload="passthrough")
+    stream, position, step = memoryview(src.stream), 0, 0
+    while position < len(stream):
+        n = sizes[step % len(sizes)]
+        if restorer.payload_remaining and direct[step % len(direct)]:
+            n = min(n, restorer.payload_remaining)
+            restorer.feed_payload(stream[position:position + n])
+        else:
+            restorer.feed(stream[position:position + n])
+        position += n
+        step += 1
+    check_round_trip(src, xen, restorer.finish())
+
+
+def test_feed_payload_refuses_more_than_the_payload():
+    from xenstream.v2.restore import PvRestorer
+
+    src = _passthrough_source()
+    xen = es.new_host(src.spec, 1)
+    restorer = PvRestorer(xen, xen.create_domain(max_vcpus=src.spec.vcpus, max_pages=src.spec.nr_pages),
+                          payload="passthrough")
+    position = 0
+    while not restorer.payload_remaining:
+        restorer.feed(src.stream[position:position + 1])
+        position += 1
+    with pytest.raises(ValueError):
+        restorer.feed_payload(bytes(restorer.payload_remaining + 1))
+
+
+_PASSTHROUGH_SOURCE: list = []
+
+
+def _passthrough_source() -> es.Source:
+    if not _PASSTHROUGH_SOURCE:
+        _PASSTHROUGH_SOURCE.append(es.make_source("pv64:mem=2M,vcpus=2,seed=5"))
+    return _PASSTHROUGH_SOURCE[0]
+
+
 shapes = st.builds(
     lambda width, mem, vcpus, online, seed: f"{width}:mem={mem}M,vcpus={vcpus},online={min(online, vcpus)},seed={seed}",
     st.sampled_from(["pv64", "pv32"]), st.sampled_from([1, 2, 3, 5]), st.integers(1, 4), st.integers(1, 4),
@@ -283,6 +332,17 @@ def test_page_data_head_equals_the_writer_encoding(first, types):
     from xenstream.v2.writer import encode_page_data_header
 
     assert page_data_head(first, types) == encode_page_data_header(range(first, first + len(types)), types)
+
+
+@settings(max_examples=60, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(0, (1 << 52) - 1), st.sampled_from(sorted(abi.KNOWN_PAGETYPES))),
+                        min_size=1, max_size=1024))
+def test_page_data_head_of_any_pfns_equals_the_writer_encoding(entries):
+    from xenstream.v2.save import page_data_head_of
+    from xenstream.v2.writer import encode_page_data_header
+
+    pfns, types = [p for p, _ in entries], [t for _, t in entries]
+    assert page_data_head_of(pfns, types) == encode_page_data_header(pfns, types)
 
 
 def publish_linear_p2m(kind: str, l2_index: int = 0):

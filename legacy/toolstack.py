@@ -37,6 +37,12 @@ def _decode(data: bytes, width: int, exact: bool) -> LibxlToolstack:
     pos = _HEADER.size
     entries = []
     for index in range(count):
+        if pos + _ENTRY.size + gap > len(data):  # names are variable: the check above cannot cover this
+            raise _Overrun(
+                f"physmap entry {index} ({_ENTRY.size + gap} bytes at least, {width}-bit layout) overruns "
+                f"its {len(data)}-byte toolstack record",
+                pos,
+            )
         phys_offset, start_addr, size, namelen = _ENTRY.unpack_from(data, pos)
         end = pos + _ENTRY.size + namelen + gap
         if end > len(data):

@@ -22,6 +22,11 @@ input): the converter kept the spooled state's page types in one bytearray index
 HVM Remus stream declaring p2m_size 0x0FFFFFFF with one checkpoint-2 page at pfn 0x0FFFFFFE made it
 allocate 256 MiB and scan 268 million entries in Python (6 s of CPU, 285 MiB RSS). Fixed in
 convert/transform.py: windows of 65536 pfns allocated when first touched (9 ms, 29 MiB).
+
+F5 (legacy-parse target, the final campaign's first minutes, 8 inputs): a libxl TOOLSTACK blob whose
+physmap names leave less than an entry header for the next entry made struct.error escape the v1
+parser (and so `convert`, `inspect`, `restore` of v1 input: exit 2). The up-front size check counts
+fixed-size entries only. Fixed in legacy/toolstack.py: each entry's header is checked before it is read.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import array
 import io
 import pathlib
+import struct
 import subprocess
 import sys
 import tempfile
@@ -207,3 +213,15 @@ def test_f4_one_high_pfn_in_a_later_checkpoint_converts_in_little_memory():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1].split() == ["2", "None"]  # both checkpoints folded, output reads to END
+
+
+def test_f5_a_physmap_entry_header_past_the_end_of_the_toolstack_blob():
+    from xenstream.legacy.errors import MalformedStream as LegacyMalformed
+    from xenstream.legacy.toolstack import decode_libxl_toolstack
+
+    name = b"x" * 29 + b"\0"
+    blob = struct.pack("<II", 1, 2) + struct.pack("<QQQI", 0xF0000000, 0xF0000000, 0x800000, len(name)) + name
+    blob += bytes(70 - len(blob))  # 4 bytes where entry 1's 28-byte header should start
+    with pytest.raises(LegacyMalformed, match="physmap entry 1") as caught:
+        decode_libxl_toolstack(blob, 32, 100)
+    assert caught.value.offset == 100 + 8 + 28 + len(name)

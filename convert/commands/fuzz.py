@@ -12,7 +12,10 @@ libFuzzer's RSS limit) and --seconds of CPU (SIGPROF timer in the target, libFuz
 timeout as a backstop). Any escaping exception, broken property, slow or oversized input is a finding:
 its input is saved under --artifacts, the child restarts for the rest of the budget, and the command
 exits 1. `--replay PATH...` runs saved inputs (files or folders) through the target without atheris;
-`--engine random` fuzzes without atheris (mutations only, no coverage feedback).
+`--engine random` fuzzes without atheris (mutations only, no coverage feedback); `--replay --coverage`
+prints the line+branch coverage (coverage.py) of the code each target exercises. The cffi pagetable kernels
+run uninstrumented (libFuzzer's C coverage needs clang); `--kernels python` fuzzes their instrumented
+pure-Python twins instead.
 
 Prints one line per target (inputs executed, coverage edges and features, corpus size, findings) and,
 with --summary-line, one closing line over all targets.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import sys
 from array import array
 from collections.abc import Callable
 
@@ -46,6 +48,7 @@ _NOTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_NOTAB)
 _XTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_XTAB)
 _XTAB_WORD = abi.PAGETYPE_XTAB << _TYPE_SHIFT
 _IOV_MAX = 1024
+_PAGE_DATA_HEAD = struct.Struct("<IIII")  # record type, length, count, reserved
 _UNIFORM = {code: array("I", [code] * abi.MAX_BATCH_SIZE).tobytes() for code in (_NOTAB, _XTAB)}
 
 
@@ -66,21 +69,45 @@ def migrated_params(hv: Hypervisor, domid: int) -> tuple[tuple[int, int], ...]:
     return tuple((index, value) for index, value in values if value)
 
 
+def _ramp(count: int) -> int:
+    """The little-endian words 0, 1, ..., count-1 as one integer."""
+    return int.from_bytes(struct.pack(f"<{count}Q", *range(count)), "little")
+
+
+def _ones(count: int) -> int:
+    """The little-endian words 1, 1, ..., 1 (count of them) as one integer."""
+    return int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * count, "little")
+
+
+_FULL_RAMP = _ramp(abi.MAX_BATCH_SIZE)
+_FULL_ONES = _ones(abi.MAX_BATCH_SIZE)
+
+
+def consecutive_words(first_word: int, count: int) -> bytes:
+    """The little-endian words first_word, first_word + 1, ... (count of them), computed as one big-integer
+    sum (no int per word); no word may carry out of 64 bits."""
+    ramp, ones = (_FULL_RAMP, _FULL_ONES) if count == abi.MAX_BATCH_SIZE else (_ramp(count), _ones(count))
+    return (ramp + first_word * ones).to_bytes(8 * count, "little")
+
+
 def page_data_head(first: int, codes, present: set[int]) -> bytes:
     """Record header and pfn words of PAGE_DATA for gfns first..first+len(codes)-1 of the given page-type
     codes (`present`: the set of them)."""
     count = len(codes)
-    if present == {_XTAB}:  # a hole: the type bits sit above every pfn bit, so the words are a range too
-        words = array("Q", range(first | _XTAB_WORD, (first + count) | _XTAB_WORD))
+    if present == {_NOTAB}:
+        words, data_pages = consecutive_words(first, count), count
+    elif present == {_XTAB}:  # a hole: the type bits sit above every pfn bit, so the words are a range too
+        words, data_pages = consecutive_words(first | _XTAB_WORD, count), 0
     else:
-        words = array("Q", range(first, first + count))
-        if present != {_NOTAB}:
-            for i, code in enumerate(codes):
-                if code:
-                    words[i] |= (code >> abi.PFINFO_LTAB_SHIFT) << _TYPE_SHIFT
-    data_pages = count - sum(codes.count(code) for code in present & _DATALESS_CODES)
-    head = array("I", [C.REC_PAGE_DATA, 8 + 8 * count + abi.PAGE_SIZE * data_pages, count, 0])
-    return head.tobytes() + words.tobytes()
+        pfn_words = array("Q", range(first, first + count))
+        for i, code in enumerate(codes):
+            if code:
+                pfn_words[i] |= (code >> abi.PFINFO_LTAB_SHIFT) << _TYPE_SHIFT
+        if sys.byteorder != "little":
+            pfn_words.byteswap()
+        words = pfn_words.tobytes()
+        data_pages = count - sum(codes.count(code) for code in present & _DATALESS_CODES)
+    return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + abi.PAGE_SIZE * data_pages, count, 0) + words
 
 
 def code_set(codes) -> set[int]:
@@ -164,38 +191,46 @@ class _HvmSaver:
             if unknown:
                 i = next(i for i, code in enumerate(codes) if code in unknown)
                 raise SaveError(f"unknown page type {codes[i]:#x} for gfn {first + i:#x}")
+            head = page_data_head(first, codes, present)
+            if present <= _DATALESS_CODES:
+                self.writer.write(head)
+                self.records += 1
+                continue
             if present.isdisjoint(_DATALESS_CODES):
                 data_gfns = gfns
-            elif present <= _DATALESS_CODES:
-                data_gfns = []
             else:
                 data_gfns = [g for g, code in zip(gfns, codes) if code not in _DATALESS_CODES]
-            payloads = []
-            if data_gfns:
-                payloads = hypervisor_call("map page batch", hv.map_foreign, domid, data_gfns)
-                if None in payloads:
-                    raise SaveError(f"cannot map gfn {data_gfns[payloads.index(None)]:#x}", errno.EFAULT)
-            if self.payload_fd is None or not payloads:
-                self.writer.write(page_data_head(first, codes, present), *payloads)
+            payloads = self._map(data_gfns)
+            if self.payload_fd is None:
+                self.writer.write(head, *payloads)
             else:  # the head through the writer, the pages straight from guest memory
-                self.writer.write(page_data_head(first, codes, present))
+                self.writer.write(head)
                 _writev_all(self.payload_fd, payloads)
-                self.writer.payload_written(len(payloads) * abi.PAGE_SIZE)
+                self.writer.payload_written(len(data_gfns) * abi.PAGE_SIZE)
             self.records += 1
-            self.pages += len(payloads)
+            self.pages += len(data_gfns)
+
+    def _map(self, gfns) -> list[memoryview]:
+        """Views of the gfns' pages in order, one per run of machine-adjacent frames."""
+        runs = hypervisor_call("map page batch", self.hv.map_foreign_runs, self.domid, gfns)
+        if sum(run.count for run in runs) != len(gfns):
+            covered = {k for run in runs for k in range(run.first, run.first + run.count)}
+            missing = next(k for k in range(len(gfns)) if k not in covered)
+            raise SaveError(f"cannot map gfn {gfns[missing]:#x}", errno.EFAULT)
+        return [run.view for run in runs]
 
 
-def _writev_all(fd: int, pages) -> None:
-    """Write whole 4096-byte buffers in order with as few writev calls as IOV_MAX allows."""
+def _writev_all(fd: int, buffers: list[memoryview]) -> None:
+    """Write the buffers in order with as few writev calls as IOV_MAX allows."""
     start = 0
-    while start < len(pages):
-        written = os.writev(fd, pages[start:start + _IOV_MAX])
-        full, partial = divmod(written, abi.PAGE_SIZE)
-        start += full
-        if partial:
-            rest = memoryview(pages[start])[partial:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
+    while start < len(buffers):
+        written = os.writev(fd, buffers[start:start + _IOV_MAX])
+        while written:
+            size = buffers[start].nbytes
+            if written < size:
+                buffers[start] = buffers[start][written:]
+                break
+            written -= size
             start += 1
 
 

@@ -41,6 +41,7 @@ import structlog
 from xenstream.hv import abi, kernels
 from xenstream.hv.interface import CpuPolicy, Hypervisor, HypervisorError, TscInfo, VcpuContext, XsaveState
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
+from xenstream.hv.u64runs import consecutive, is_consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
@@ -61,6 +62,7 @@ _TABLE_TYPES = frozenset(t for t in range(16) if abi.pagetable_level(t))
 P2M_HOLE_ALLOWANCE = 1 << 18
 _GRANT_ENTRY = struct.Struct("<HHI")
 _VALID_PV_INFO = {(abi.WIDTH_32, 3), (abi.WIDTH_64, 4)}
+_INVALID_EXTENT = array("Q", [INVALID]) * abi.SUPERPAGE_FRAMES
 
 
 @attrs.frozen
@@ -360,10 +362,10 @@ class PvRestorer:
         _require(self._static_data_end, "received before STATIC_DATA_END")
         _require(self._max_pfn >= 0, "received before X86_PV_P2M_FRAMES")
         pfns, types = body.pfns, body.types
-        top = max(pfns)
-        _require(top <= self._max_pfn, f"pfn {top:#x} out of range (max_pfn {self._max_pfn:#x})")
         first = pfns[0]
-        contiguous = array("Q", pfns) == array("Q", range(first, first + len(pfns)))
+        contiguous = is_consecutive(pfns if isinstance(pfns, array) and pfns.typecode == "Q" else array("Q", pfns), first)
+        top = pfns[-1] if contiguous else max(pfns)
+        _require(top <= self._max_pfn, f"pfn {top:#x} out of range (max_pfn {self._max_pfn:#x})")
         plain = abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types)
         if contiguous and plain:  # the common case: one ascending run of pages that all carry data
             self._populate_run(first, len(pfns))
@@ -545,9 +547,10 @@ class PvRestorer:
                 raise _Fail(f"L{level} pagetable at pfn {pfn:#x}, {failure[1]}")
             if not count:
                 break
-            low = min(missing[:count])
-            marks = bytearray(max(missing[:count]) - low + 1)
-            for pfn in missing[:count]:
+            found = missing[:count]
+            low = min(found)
+            marks = bytearray(max(found) - low + 1)
+            for pfn in found:
                 marks[pfn - low] = 1
             self._populate_marked(low, marks)
         for i, (slot, _, _) in enumerate(tables):
@@ -575,6 +578,8 @@ class PvRestorer:
         singles: list[int] = []
 
         def leftovers(low: int, high: int) -> None:
+            if low == high:
+                return
             unpopulated = p2m[low:high].count(INVALID)
             if unpopulated == high - low:
                 singles.extend(range(low, high))
@@ -586,14 +591,14 @@ class PvRestorer:
             block = -(-low // extent) * extent
             done = low
             while block + extent <= high:
-                if p2m[block:block + extent].count(INVALID) == extent:
+                if p2m[block:block + extent] == _INVALID_EXTENT:  # (an array compare is one memcmp)
                     try:
                         first_mfn = self.hv.populate_physmap(self.domid, [block], abi.SUPERPAGE_ORDER)[0]
                     except HypervisorError:
                         block += extent
                         continue  # the singles below pick it up
                     leftovers(done, block)
-                    p2m[block:block + extent] = array("Q", range(first_mfn, first_mfn + extent))
+                    p2m[block:block + extent] = consecutive(first_mfn, extent)
                     self.pages_populated += extent
                     done = block + extent
                 block += extent
@@ -620,7 +625,7 @@ class PvRestorer:
                     base = self.hv.populate_physmap(self.domid, [first], abi.SUPERPAGE_ORDER)[0]
                 except HypervisorError:
                     continue  # order 0 below picks them up
-                p2m[first:pfn + 1] = array("Q", range(base, base + abi.SUPERPAGE_FRAMES))
+                p2m[first:pfn + 1] = consecutive(base, abi.SUPERPAGE_FRAMES)
                 del pending[-abi.SUPERPAGE_FRAMES:]
                 self.pages_populated += abi.SUPERPAGE_FRAMES
                 run = 0

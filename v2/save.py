@@ -26,6 +26,7 @@ from xenstream.hv import abi, kernels
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
 from xenstream.hv.interface import Hypervisor
 from xenstream.hv.pagetables import NORMALISE_OK, xen_slot_range
+from xenstream.hv.u64runs import consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.records import (
     DomainHeader,
@@ -278,7 +279,7 @@ class _PvSaver:
 
 def page_data_head(first_pfn: int, types: list[int]) -> bytes:
     """Record header and body head of the PAGE_DATA record for pfns first_pfn.. with these type nibbles."""
-    return page_data_head_of(range(first_pfn, first_pfn + len(types)), types)
+    return page_data_head_of(consecutive(first_pfn, len(types)), types)
 
 
 def page_data_head_of(pfns, types: list[int]) -> bytes:

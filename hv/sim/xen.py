@@ -34,6 +34,7 @@ from xenstream.hv.interface import (
     XsaveState,
 )
 from xenstream.hv.sim import hotpaths
+from xenstream.hv.u64runs import consecutive
 from xenstream.hv.sim.domain import Domain, Vcpu, blank_vcpu_context
 from xenstream.hv.sim.machine import (
     FLAG_BROKEN,
@@ -379,7 +380,7 @@ class SimXen:
             if span == 1:
                 m2p[mfn] = gfn
             else:
-                m2p[mfn:mfn + span] = array("Q", range(gfn, gfn + span))
+                m2p[mfn:mfn + span] = consecutive(gfn, span)
         dom.nr_pages += frames
         top = max(gfns) + span - 1 if gfns else 0
         dom.max_gpfn = max(dom.max_gpfn, top)

@@ -19,6 +19,7 @@ DEFAULT_HOST = "127.0.0.1"
 FORMATS = ("libxc", "libxl")
 WIDTHS = {"detect": None, "32": 32, "64": 64}
 GUESTS = {"detect": None, "pv": "pv", "hvm": "hvm"}
+REMUS = ("checkpoints", "refuse")  # what becomes of a v1 Remus stream (see service_stream)
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,7 @@ class ListenerConfig:
     format: str = "libxc"  # output layer of converted v1 streams: "libxc" or "libxl"
     width: int | None = None  # v1 toolstack width in bits, None = detect
     guest: str | None = None  # v1 guest type, None = detect
+    remus: str = "checkpoints"  # v1 Remus streams: "checkpoints" (a v2 checkpointed stream) or "refuse"
     socket_mode: int = 0o660  # permissions of a Unix listening socket
 
 
@@ -160,7 +162,7 @@ class ServiceConfig:
 
 _SERVICE_KEYS = {"max_connections", "buffer_size", "max_buffered", "restore_frames", "allow", "metrics"}
 _TIMEOUT_KEYS = set(attrs.fields_dict(Timeouts))
-_LISTENER_KEYS = {"name", "listen", "destination", "format", "width", "guest", "socket_mode"}
+_LISTENER_KEYS = {"name", "listen", "destination", "format", "width", "guest", "remus", "socket_mode"}
 MIN_BUFFER, MAX_BUFFER = 1 << 12, 1 << 26
 MAX_BUFFERED = 1 << 28  # above the v2 record limit: a record that large is refused by the reader anyway
 MAX_CONNECTIONS = 4096
@@ -204,6 +206,9 @@ def listener_from_settings(settings: dict, index: int) -> ListenerConfig:
     guest = str(settings.get("guest", "detect"))
     if guest not in GUESTS:
         raise ConfigError(f"{where}: guest must be pv, hvm or detect, got {guest!r}")
+    remus = settings.get("remus", "checkpoints")
+    if remus not in REMUS:
+        raise ConfigError(f"{where}: remus must be checkpoints or refuse, got {remus!r}")
     mode = settings.get("socket_mode", 0o660)
     if isinstance(mode, str):
         try:
@@ -218,6 +223,7 @@ def listener_from_settings(settings: dict, index: int) -> ListenerConfig:
         format=fmt,
         width=WIDTHS[width],
         guest=GUESTS[guest],
+        remus=remus,
         socket_mode=mode & 0o777,
     )
 
@@ -299,7 +305,7 @@ def merge_command_line(settings: dict, args) -> dict:
         raise ConfigError("give one --to DESTINATION for every --listen ADDRESS")
     for i, (listen, target) in enumerate(zip(listens, targets)):
         entry = {"name": f"cli{i}", "listen": listen, "destination": target}
-        for key in ("format", "width", "guest"):
+        for key in ("format", "width", "guest", "remus"):
             if getattr(args, key, None) is not None:
                 entry[key] = getattr(args, key)
         merged["listener"].append(entry)

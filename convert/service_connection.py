@@ -23,7 +23,7 @@ import structlog
 
 from xenstream.convert.edge import STREAM_ERRORS
 from xenstream.convert.service_sink import DestinationError, open_sink, set_kernel_timeout
-from xenstream.convert.service_stream import classify
+from xenstream.convert.service_stream import BrokenOffCheckpoint, classify
 
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -216,7 +216,12 @@ class Connection:
                 break
             self._count_in(got)
             self._write(conversion, conversion.feed(buffer[:got]))
-        self._write(conversion, conversion.finish())
+        try:
+            rest = conversion.finish()
+        except BrokenOffCheckpoint as exc:  # the receiver keeps the last complete checkpoint: it gets it all
+            self._write(conversion, exc.output)
+            raise
+        self._write(conversion, rest)
         self._check_aborted()
         self._open_sink(conversion)
         self.destination = self._sink.commit()

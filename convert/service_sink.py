@@ -196,7 +196,7 @@ _OPENERS = {
         target, timeouts.connect, timeouts.idle),
     UnixAddress: lambda target, listener, connection, suffix, timeouts, host: SocketSink(
         target, timeouts.connect, timeouts.idle),
-    RestoreTarget: lambda target, listener, connection, suffix, timeouts, host: RestoreSink(host),
+    RestoreTarget: lambda target, listener, connection, suffix, timeouts, host: RestoreSink(host, connection),
 }
 
 

@@ -18,6 +18,14 @@ the strict reader and verifier follow it. Both obey one contract:
 
 Memory is bounded per stream: nothing holds more than `max_buffered` bytes of input that have not been
 passed on (a record too large for that is refused), and page payloads are never accumulated.
+
+A v1 Remus (checkpointed) stream goes to a Remus secondary, so with `remus = "checkpoints"` (the
+default) it becomes a v2 checkpointed stream (CHECKPOINT, libxl CHECKPOINT_END) exactly as
+`xenstream convert --checkpoints` writes it, without spooling: each later checkpoint's PAGE_DATA
+records leave as soon as their pages have arrived. A source that breaks off inside a checkpoint gets
+no END: the destination is closed after the last complete checkpoint's records (and what came of the
+broken one, which a checkpoint-aware receiver drops), so the receiver fails over to that checkpoint.
+`remus = "refuse"` refuses a stream at the start of its checkpoint 2.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from typing import Protocol
 
 from xenstream.convert.transform import ConvertOptions, Payload, Transformer
 from xenstream.legacy.errors import MalformedStream as LegacyMalformed
+from xenstream.legacy.errors import TruncatedStream as LegacyTruncated
 from xenstream.legacy.errors import UnsupportedStream as LegacyUnsupported
-from xenstream.legacy.events import Detected, DeviceModelData, PageBatch
+from xenstream.legacy.events import CheckpointEnd, Detected, DeviceModelData, PageBatch, PageData
 from xenstream.legacy.parser import DONE, LegacyParser
 from xenstream.legacy.parser import NEED_DATA as LEGACY_NEED_DATA
 from xenstream.v2 import constants as V2
@@ -41,6 +50,17 @@ from xenstream.v2.writer import V2Writer
 CLASSIFY_PEEK = len(V2.XL_MAGIC) + 8  # xl magic, byte order, mandatory flags
 _V2_PREFIXES = (struct.pack(">Q", V2.LIBXL_IDENT), struct.pack(">Q", V2.IMAGE_MARKER))
 _XL_BYTE_ORDERS = {b"\x04\x03\x02\x01": "<", b"\x01\x02\x03\x04": ">"}
+REMUS_MODES = ("checkpoints", "refuse")
+
+
+class BrokenOffCheckpoint(LegacyTruncated):
+    """The source of a Remus stream broke off inside a checkpoint. `output`: what the destination must
+    still get (the closing records of the last complete checkpoint, if not sent yet) before it is closed
+    without END."""
+
+    def __init__(self, message: str, offset: int, output: list):
+        super().__init__(message, offset)
+        self.output = output
 
 
 class StreamConversion(Protocol):
@@ -226,13 +246,41 @@ class _Outbox:
         return buffers
 
 
+class _StreamingJournal:
+    """The transformer's spool under streaming_remus: the pages of a later checkpoint's PAGE_DATA record
+    still being filled. Once the record is written they go to the output and are forgotten, so at most
+    one record's and one v1 batch's pages are held."""
+
+    def __init__(self, outbox: _Outbox) -> None:
+        self._outbox = outbox
+        self._pages = bytearray()
+        self._base = 0  # journal offset of _pages[0]
+
+    @property
+    def appended(self) -> int:
+        return self._base + len(self._pages)
+
+    def journal_append(self, data) -> None:
+        self._pages += data
+
+    def journal_reset(self) -> None:
+        self._pages = bytearray()
+        self._base = 0
+
+    def send_journal(self, offset: int, length: int) -> None:
+        end = offset + length - self._base
+        self._outbox.write(bytes(self._pages[offset - self._base : end]))
+        del self._pages[:end]
+        self._base = offset + length
+
+
 class LegacyUpgrade:
     """A v1 stream converted to v2 as it arrives: the sans-IO LegacyParser (passthrough payloads) and
     the Transformer. The parser is fed in small steps so that it never buffers much of a page payload:
     payload bytes go from the caller's buffer to the output without a copy.
 
-    The records the transformer writes once it knows the stream is complete (the closing records of the
-    last checkpoint and END) are held back until `finish` has seen the end of input.
+    END and what the transformer writes after it are held back until `finish` has seen the end of input.
+    `remus`: "checkpoints" or "refuse", what becomes of a Remus stream (see the module's description).
     """
 
     PARSER_STEP = 64 << 10
@@ -241,17 +289,24 @@ class LegacyUpgrade:
     # more; the transformer keeps some of them until the end, so their number bounds its memory.
     ELEMENT_LIMIT = 1 << 16
 
-    def __init__(self, fmt: str, width: int | None, guest: str | None, max_buffered: int):
+    def __init__(self, fmt: str, width: int | None, guest: str | None, max_buffered: int,
+                 remus: str = "checkpoints"):
         self._parser = LegacyParser(width=width, guest=guest, passthrough=True)
         self._outbox = _Outbox()
         self._writer = V2Writer(self._outbox)
-        self._transformer = Transformer(self._writer, ConvertOptions(fmt=fmt), spool_factory=self._no_spool)
+        self._streaming_remus = remus == "checkpoints"
+        self._transformer = Transformer(
+            self._writer, ConvertOptions(fmt=fmt, streaming_remus=self._streaming_remus),
+            spool_factory=(lambda: _StreamingJournal(self._outbox)) if self._streaming_remus else self._no_spool,
+            before_end=self._note_end_record)
+        self._end_record_at: int | None = None  # index in the outbox's buffers where END begins
         self._route = Payload.NOWHERE
         self._max_buffered = max_buffered
         self._fed = 0  # stream offset just past the last byte given to the parser or moved around it
         self._end: int | None = None  # where the input was when the stream was complete
         self._held: list = []
         self._done = False
+        self._input_ended = False
         self._elements = 0
         self._device_model_bytes = 0  # qemu state the transformer holds until the end
         self.variant = "v1"
@@ -298,18 +353,26 @@ class LegacyUpgrade:
 
     def finish(self) -> list:
         self._parser.feed(b"")
+        self._input_ended = True
         self._drain()
-        if not self._transformer.finished:
+        transformer = self._transformer
+        if not transformer.finished:
             raise LegacyMalformed("the stream ended without completing a checkpoint", self._parser.offset)
+        summary = transformer.summary()
+        if self._streaming_remus and summary.discarded_checkpoint_offset is not None:
+            raise BrokenOffCheckpoint(
+                f"the source broke off inside checkpoint {summary.checkpoints + 1}; the destination keeps "
+                f"checkpoint {summary.checkpoints}", self._parser.offset, self._outbox.take())
         return self._outbox.take() + self._held
 
     def _drain(self) -> None:
         parser, transformer, outbox = self._parser, self._transformer, self._outbox
         while not self._done:
             if self._route is not Payload.NOWHERE:
+                take = self._writer.write if self._route is Payload.OUTPUT else self._journal_payload
                 while parser.payload_pending and (piece := parser.take_payload()):
-                    self._writer.write(piece)
-                if parser.payload_pending:
+                    take(piece)
+                if parser.payload_pending and not self._input_ended:  # at the end, the parser says what broke
                     return
                 self._route = Payload.NOWHERE
             event = parser.next_event()
@@ -319,13 +382,18 @@ class LegacyUpgrade:
                 self._done = True
                 return
             self._check_limits(event)
-            mark = len(outbox.buffers)
             finished = transformer.finished
             self._route = transformer.handle(event)
             if transformer.finished and not finished:
-                self._held = [bytes(buffer) for buffer in outbox.buffers[mark:]]
-                del outbox.buffers[mark:]
+                self._held = [bytes(buffer) for buffer in outbox.buffers[self._end_record_at:]]
+                del outbox.buffers[self._end_record_at:]
                 self._end = parser.offset
+
+    def _note_end_record(self) -> None:
+        self._end_record_at = len(self._outbox.buffers)
+
+    def _journal_payload(self, piece) -> None:
+        self._transformer.handle(PageData(data=piece))
 
     def _check_limits(self, event) -> None:
         check = self._CHECKS.get(type(event))
@@ -340,6 +408,11 @@ class LegacyUpgrade:
     def _detected(self, event: Detected) -> None:
         self.variant = f"v1-{event.guest}-{event.width}"
 
+    def _checkpoint_end(self, event: CheckpointEnd) -> None:
+        # The transformer keeps a checkpoint's elements only until its end: the limits are per checkpoint.
+        self._elements = 0
+        self._device_model_bytes = 0
+
     def _device_model_data(self, event: DeviceModelData) -> None:
         self._device_model_bytes += len(event.data)
         if self._device_model_bytes > self._max_buffered:
@@ -350,16 +423,16 @@ class LegacyUpgrade:
         PageBatch: lambda self, event: None,
         Detected: _detected,
         DeviceModelData: _device_model_data,
+        CheckpointEnd: _checkpoint_end,
     }
 
     @staticmethod
     def _no_spool():
-        raise LegacyUnsupported("a Remus stream with more than one checkpoint: the service does not spool "
-                                "checkpoints; convert it offline")
+        raise LegacyUnsupported('a Remus stream (checkpoint 2 begins) and this listener has remus = "refuse"')
 
 
 CONVERSIONS = {
     "v1": lambda listener, config: LegacyUpgrade(listener.format, listener.width, listener.guest,
-                                                 config.max_buffered),
+                                                 config.max_buffered, listener.remus),
     "v2": lambda listener, config: V2Passthrough(config.max_buffered),
 }

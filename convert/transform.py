@@ -61,6 +61,14 @@ complete, so its pages are journalled in the spool, not written.
   records and CHECKPOINT (libxl: emulator records and CHECKPOINT_END); later checkpoints are
   written when complete, each with the stream's X86_TSC_INFO again (v1 sends it once); the end of
   input closes with END (libxl: END). LAST_CHECKPOINT turns the closing CHECKPOINT into END.
+* ``streaming_remus`` (the service, which cannot spool): the form is chosen when it is known. A
+  stream with no checkpoint 2 gives the default output, one whose checkpoint 2 begins gives the
+  ``checkpoints`` output (checkpoint 1's closing records, held until then, go out with CHECKPOINT),
+  both byte for byte. A later checkpoint's PAGE_DATA records leave as soon as all their pages have
+  arrived instead of at the checkpoint's end: the same records in the same order, with at most one
+  record's pages held (the spool then only needs a journal that forgets what was sent, and
+  ``appended``). An incomplete final checkpoint has then already sent some of its records; a
+  checkpoint-aware receiver drops them with the checkpoint, and the driver must not send END then.
 """
 
 from __future__ import annotations
@@ -111,17 +119,22 @@ class ConvertOptions:
     skip_qemu: bool = False
     checkpoints: bool = False
     drop_tmem: bool = False
+    streaming_remus: bool = False  # checkpoints form once checkpoint 2 begins, nothing spooled
 
     def __attrs_post_init__(self):
         if self.fmt not in (*FORMATS, AUTO_FORMAT):
             raise ValueError(f"format must be one of {FORMATS} or {AUTO_FORMAT!r}")
+        if self.streaming_remus and self.checkpoints:
+            raise ValueError("streaming_remus chooses the checkpoints form itself")
 
 
 class Spool(Protocol):
     """Page storage for provisional checkpoints (implemented over temporary files by the pipeline).
 
     The journal holds the data pages of the checkpoint being read, appended in stream order; the
-    state holds the latest content of every pfn of the complete later checkpoints.
+    state holds the latest content of every pfn of the complete later checkpoints. With
+    streaming_remus only the journal is used, and it also tells how many bytes were `appended`
+    since its reset (the sent ones may be forgotten).
     """
 
     def journal_append(self, data) -> None: ...
@@ -181,6 +194,9 @@ class Transformer:
         # The provisional checkpoint's entries as v2 pfn words, in stream order (8 bytes each: a checkpoint
         # may dirty the whole guest); its data pages are journalled in the same order.
         self._journal = array.array("Q")
+        self._journal_sent = 0  # journal bytes already written out (streaming_remus)
+        self._every_checkpoint = options.checkpoints  # the checkpoints form (streaming_remus: from checkpoint 2)
+        self._checkpoint_2_pending = False  # streaming_remus: checkpoint 1 closed, its closing held
         # Per-pfn type of the spooled state (0 = not spooled, else type + 1), in windows of _STATE_SCAN pfns
         # allocated when first touched: memory follows the pages spooled, not the highest pfn (one hostile
         # page at pfn 0x0FFFFFFE cost 256 MiB and a 6 s scan).
@@ -197,6 +213,8 @@ class Transformer:
     def handle(self, event: ev.Event) -> Payload:
         if self.finished:
             return Payload.NOWHERE
+        if self._checkpoint_2_pending and type(event) not in _AFTER_THE_LAST_CHECKPOINT:
+            self._begin_checkpoint_2()
         return self._HANDLERS[type(event)](self, event) or Payload.NOWHERE
 
     def summary(self) -> Summary:
@@ -293,10 +311,12 @@ class Transformer:
             self.writer.write(event.data)
         else:
             self.spool.journal_append(event.data)
+            self._send_filled_records()
 
     def _decoded_pages(self, event: ev.DecodedPages) -> None:
         self._pages += len(event.entries)
         self.spool.journal_append(event.payload)
+        self._send_filled_records()
 
     # ------------------------------------------------------------------ chunks
 
@@ -389,7 +409,7 @@ class Transformer:
         self._device_model = None
         later = self._checkpoint > 1
         self._checkpoint += 1
-        if self.options.checkpoints:
+        if self._every_checkpoint:
             if later:
                 self._write_journal()
                 if self._tsc is not None:
@@ -398,29 +418,43 @@ class Transformer:
             if event.last:
                 self._finish(closing)
                 return
-            self.writer.record(rec.Checkpoint())
-            if self._libxl:
-                self.writer.write(*closing.libxl)
-                self.writer.libxl_record(xl_rec.CheckpointEnd())
-            self._held = _Closing(raw_device_model=closing.raw_device_model)
+            self._close_checkpoint(closing)
             return
         if later:
             self._commit_journal()
         self._held = closing
         if event.last:
             self._finish_default()
+        elif self.options.streaming_remus:
+            self._checkpoint_2_pending = True
+
+    def _close_checkpoint(self, closing: _Closing) -> None:
+        """The checkpoints form's CHECKPOINT (libxl: its records and CHECKPOINT_END) after the libxc records."""
+        self.writer.record(rec.Checkpoint())
+        if self._libxl:
+            self.writer.write(*closing.libxl)
+            self.writer.libxl_record(xl_rec.CheckpointEnd())
+        self._held = _Closing(raw_device_model=closing.raw_device_model)
+
+    def _begin_checkpoint_2(self) -> None:
+        """streaming_remus: a checkpoint 2 follows, so this is a Remus stream; checkpoint 1 closes as in
+        the checkpoints form."""
+        self._checkpoint_2_pending = False
+        self._every_checkpoint = True
+        self.writer.write(*self._held.libxc)
+        self._close_checkpoint(self._held)
 
     def _end_of_stream(self, event: ev.EndOfStream) -> None:
         if not event.last_checkpoint_complete:
             self._discarded_offset = event.discarded_offset
             log.warning("incomplete final checkpoint dropped, as the restorer drops it",
                         checkpoint=self._checkpoint, offset=event.discarded_offset)
-            self._journal = array.array("Q")
-            if self._spool is not None:
-                self._spool.journal_reset()
+            self._reset_journal()
+            if self._checkpoint_2_pending:  # the receiver keeps checkpoint 1: it must be closed as such
+                self._begin_checkpoint_2()
         if self._held is None:
             raise MalformedStream("the stream ended before its first checkpoint was complete", event.offset)
-        if self.options.checkpoints:
+        if self._every_checkpoint:
             self._finish(self._held)
         else:
             self._finish_default()
@@ -442,20 +476,35 @@ class Transformer:
                 offset += PAGE_SIZE
         self._reset_journal()
 
-    def _write_journal(self) -> None:
-        """Write the just-completed checkpoint's pages as PAGE_DATA records."""
-        offset = 0
-        for start in range(0, len(self._journal), C.MAX_BATCH_SIZE):
-            batch = self._journal[start : start + C.MAX_BATCH_SIZE]
-            length = self.writer.page_data_header([w & C.PFN_MASK for w in batch], [w >> C.PFN_TYPE_SHIFT for w in batch])
+    def _write_journal(self, whole: bool = True) -> None:
+        """Write the provisional checkpoint's pages as PAGE_DATA records of MAX_BATCH_SIZE entries (the
+        last one shorter): all of them when it is complete (`whole`), else the full records whose pages
+        have all arrived."""
+        journal, start = self._journal, 0
+        while start < len(journal):
+            batch = journal[start : start + C.MAX_BATCH_SIZE]
+            types = [w >> C.PFN_TYPE_SHIFT for w in batch]
+            if not whole and (len(batch) < C.MAX_BATCH_SIZE or self.spool.appended <
+                              self._journal_sent + PAGE_SIZE * sum(map(pagetype_has_data, types))):
+                break
+            length = self.writer.page_data_header([w & C.PFN_MASK for w in batch], types)
             if length:
-                self.spool.send_journal(offset, length)
+                self.spool.send_journal(self._journal_sent, length)
                 self.writer.payload_written(length)
-                offset += length
-        self._reset_journal()
+                self._journal_sent += length
+            start += len(batch)
+        if whole:
+            self._reset_journal()
+        else:
+            del journal[:start]
+
+    def _send_filled_records(self) -> None:
+        if self.options.streaming_remus and self._checkpoint > 1:
+            self._write_journal(whole=False)
 
     def _reset_journal(self) -> None:
         self._journal = array.array("Q")
+        self._journal_sent = 0
         if self._spool is not None:
             self._spool.journal_reset()
 
@@ -548,6 +597,9 @@ class Transformer:
         ev.EndOfStream: _end_of_stream,
     }
 
+
+# Events that may follow the last checkpoint: any other one after a checkpoint begins the next.
+_AFTER_THE_LAST_CHECKPOINT = frozenset({ev.EndOfStream, ev.XlGoMessage, ev.TrailingData})
 
 # Per byte of the top byte of a v1 pfn_type entry (little endian: bits 24-31): the PFN bits it keeps, and the
 # v2 type nibble it gives in the top byte of the 64-bit word (LPINTAB without a level is read as NOTAB).

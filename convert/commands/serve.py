@@ -12,6 +12,7 @@ from xenstream.convert.service import Service
 from xenstream.convert.service_config import (
     FORMATS,
     GUESTS,
+    REMUS,
     WIDTHS,
     ConfigError,
     Timeouts,
@@ -45,6 +46,13 @@ def register(subparsers) -> None:
     parser.add_argument("--format", choices=FORMATS, help="v2 layer written for converted v1 streams (default libxc)")
     parser.add_argument("--width", choices=tuple(WIDTHS), help="v1 toolstack width in bits (default detect)")
     parser.add_argument("--guest", choices=tuple(GUESTS), help="v1 guest type (default detect)")
+    parser.add_argument("--remus", choices=REMUS,
+                        help="a v1 Remus (checkpointed) stream: 'checkpoints' forwards it as a v2 checkpointed "
+                             "stream for a Remus secondary, each checkpoint closed by CHECKPOINT (libxl: "
+                             "CHECKPOINT_END), as `convert --checkpoints` writes it, nothing spooled; a source "
+                             "breaking off inside a checkpoint closes the destination without END, so the "
+                             "receiver fails over to the last complete checkpoint (restore:sim does). "
+                             "'refuse' rejects the stream when its checkpoint 2 begins (default checkpoints)")
     parser.add_argument("--max-connections", type=int, metavar="N", help="streams handled at once (default 32)")
     parser.add_argument("--buffer-size", type=int, metavar="BYTES", help="read buffer per stream (default 1 MiB)")
     parser.add_argument("--max-buffered", type=int, metavar="BYTES",

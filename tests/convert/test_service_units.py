@@ -24,9 +24,16 @@ from xenstream.convert.service_config import (
 from xenstream.convert.service_metrics import Metrics
 from xenstream.convert.service_stream import LegacyUpgrade, V2Passthrough, classify
 from xenstream.convert.transform import ConvertOptions
+from tests.convert.v2state import has_end_record, restored_state
 from xenstream.legacy import errors as legacy_errors
+from xenstream.legacy import events as legacy_events
 from xenstream.legacy.build import BuildOptions, build_stream
+from xenstream.legacy.parser import parse_bytes
+from xenstream.v2 import constants as C
 from xenstream.v2 import errors as v2_errors
+from xenstream.v2.events import EndOfStream, LibxcRecord, LibxlRecord
+from xenstream.v2.reader import V2Reader
+from xenstream.hv.abi import PAGE_SIZE
 from xenstream.v2.synth import stream_bytes as v2_stream
 
 LISTENER = {"listen": "9000", "destination": "dir:/srv/images"}
@@ -107,6 +114,15 @@ def test_command_line_adds_listeners_and_overrides_service_values():
         merge_command_line({}, argparse.Namespace(listen=["1", "2"], to=["dir:/a"]))
 
 
+def test_remus_setting_per_listener():
+    config = config_from_settings({"listener": [LISTENER, dict(LISTENER, name="secondary", remus="refuse")]})
+    assert [entry.remus for entry in config.listeners] == ["checkpoints", "refuse"]
+    with pytest.raises(ConfigError, match="remus must be checkpoints or refuse"):
+        config_from_settings({"listener": [dict(LISTENER, remus="spool")]})
+    args = argparse.Namespace(listen=["7000"], to=["dir:/a"], remus="refuse")
+    assert config_from_settings(merge_command_line({}, args)).listeners[0].remus == "refuse"
+
+
 def test_allowlist():
     config = config_from_settings({"listener": [LISTENER], "service": {"allow": ["127.0.0.0/8", "2001:db8::/32"]}})
     assert config.peer_allowed("127.0.0.1")
@@ -154,11 +170,11 @@ def _run(conversion, data: bytes, sizes) -> bytes:
     return bytes(out)
 
 
-def _offline(data: bytes, fmt: str) -> bytes:
+def _offline(data: bytes, fmt: str, checkpoints: bool = False) -> bytes:
     with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as target:
         source.write(data)
         source.seek(0)
-        convert_fds(source.fileno(), target.fileno(), ConvertOptions(fmt=fmt))
+        convert_fds(source.fileno(), target.fileno(), ConvertOptions(fmt=fmt, checkpoints=checkpoints))
         target.seek(0)
         return target.read()
 
@@ -267,12 +283,80 @@ def test_element_count_is_bounded():
         _run(conversion, V1_SAMPLES[0], [4096])
 
 
-def test_remus_streams_with_later_checkpoints_are_refused():
+def test_remus_streams_are_refused_when_the_listener_says_so():
     data = build_stream(BuildOptions(guest="pv", pages=32, checkpoints=3))
-    conversion = LegacyUpgrade("libxc", None, None, 1 << 20)
-    with pytest.raises(legacy_errors.UnsupportedStream, match="checkpoint"):
+    conversion = LegacyUpgrade("libxc", None, None, 1 << 20, remus="refuse")
+    with pytest.raises(legacy_errors.UnsupportedStream, match='remus = "refuse"'):
         conversion.feed(data)
         conversion.finish()
+
+
+# Remus streams: more than one record's worth of pages per later checkpoint (PV), HVM with device-model
+# state, compressed checkpoints.
+REMUS_SAMPLES = [build_stream(BuildOptions(guest="pv", pages=200, checkpoints=3, remus=True, seed=11)),
+                 build_stream(BuildOptions(guest="hvm", pages=60, checkpoints=3, remus=True, seed=12)),
+                 build_stream(BuildOptions(guest="pv", pages=60, checkpoints=3, compression=True, seed=13))]
+REMUS_EXPECTED = {fmt: [_offline(data, fmt, checkpoints=True) for data in REMUS_SAMPLES] for fmt in ("libxc", "libxl")}
+
+
+@settings(max_examples=15, deadline=None)
+@given(sample=st.sampled_from(range(len(REMUS_SAMPLES))), fmt=st.sampled_from(("libxc", "libxl")), sizes=CHUNKS)
+def test_remus_stream_becomes_the_checkpointed_conversion(sample, fmt, sizes):
+    assert _run(LegacyUpgrade(fmt, None, None, 1 << 20), REMUS_SAMPLES[sample], sizes) == REMUS_EXPECTED[fmt][sample]
+
+
+def _record_offsets(data: bytes, layer: type, record_type: int) -> list[int]:
+    reader = V2Reader(layer="auto", payload="views")
+    reader.feed(data)
+    reader.feed(b"")
+    offsets = []
+    while not isinstance(event := reader.next_event(), EndOfStream):
+        if isinstance(event, layer) and event.type == record_type:
+            offsets.append(event.offset)
+    return offsets
+
+
+def test_remus_conversion_holds_at_most_a_record_of_pages():
+    """A later checkpoint's records leave as their pages arrive: just before checkpoint 2 ends, all of
+    its records but the last two (1024 entries each) are out."""
+    data = build_stream(BuildOptions(guest="pv", pages=12000, checkpoints=2, remus=True, seed=11))
+    first, second = _checkpoint_ends(data)
+    assert second - first > 1100 * PAGE_SIZE  # more than one record of pages in checkpoint 2
+    expected = _offline(data, "libxc", checkpoints=True)
+    conversion = LegacyUpgrade("libxc", None, None, 1 << 20)
+    sent = b"".join(bytes(buffer) for buffer in conversion.feed(data[: second - 1]))
+    assert expected.startswith(sent)
+    checkpoint_2_closed_at = _record_offsets(expected, LibxcRecord, C.REC_CHECKPOINT)[1]
+    assert 0 < checkpoint_2_closed_at - len(sent) < 2 * 1024 * PAGE_SIZE
+
+
+def _checkpoint_ends(data: bytes) -> list[int]:
+    return [event.offset for event in parse_bytes(data) if isinstance(event, legacy_events.CheckpointEnd)]
+
+
+@pytest.mark.parametrize("fmt", ["libxc", "libxl"])
+@pytest.mark.parametrize("where", ["inside checkpoint 3", "just after checkpoint 1"])
+def test_remus_source_breaking_off_inside_a_checkpoint_gets_no_end(fmt, where):
+    data = REMUS_SAMPLES[1]
+    ends = _checkpoint_ends(data)
+    cut = (ends[1] + ends[2]) // 2 if where == "inside checkpoint 3" else ends[0] + 4
+    complete = 2 if where == "inside checkpoint 3" else 1
+    conversion = LegacyUpgrade(fmt, None, None, 1 << 20)
+    out = b"".join(bytes(buffer) for buffer in conversion.feed(data[:cut]))
+    with pytest.raises(legacy_errors.TruncatedStream, match=f"keeps checkpoint {complete}") as caught:
+        conversion.finish()
+    out += b"".join(bytes(buffer) for buffer in caught.value.output)
+    # Everything up to the last complete checkpoint's CHECKPOINT (libxl: CHECKPOINT_END), as the
+    # offline conversion has it.
+    reference = _offline(data[: ends[complete - 1]], fmt, checkpoints=True)
+    closed = (_record_offsets(reference, LibxcRecord, C.REC_CHECKPOINT) if fmt == "libxc" else
+              _record_offsets(reference, LibxlRecord, C.LIBXL_REC_CHECKPOINT_END))[-1] + 8
+    state = restored_state(out)
+    assert state["record_types"].count(C.REC_CHECKPOINT) == complete and C.REC_END not in state["record_types"]
+    if fmt == "libxl":
+        assert state["libxl_records"].count(C.LIBXL_REC_CHECKPOINT_END) == complete
+    assert not has_end_record(out)
+    assert out[:closed] == reference[:closed]
 
 
 # ------------------------------------------------------------------------------------------ metrics

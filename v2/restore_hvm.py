@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -31,6 +30,7 @@ import structlog
 
 from xenstream.hv import abi, composite, hvm_params
 from xenstream.hv.interface import CpuPolicy, HypervisorError, TscInfo
+from xenstream.hv.u64runs import is_consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
@@ -43,6 +43,9 @@ log = structlog.get_logger()
 HEAD_READ = 64 << 10
 _IOV_MAX = 1024
 _NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(t)} | {abi.PAGETYPE_XALLOC})
+_FLAG = b"\x01"
+_NEEDS_RAM_FLAGS = bytes(int(t in _NEEDS_RAM) for t in range(256))  # translate tables over PAGE_DATA's type bytes
+_DATALESS_FLAGS = bytes(int(t in abi.PAGETYPES_WITHOUT_DATA) for t in range(256))
 _CHUNK_SHIFT = 20  # populated-gfn tracking in 1M-gfn chunks (1 MiB each), so a far gfn costs one chunk
 _SPAN = abi.SUPERPAGE_FRAMES
 
@@ -119,8 +122,10 @@ class HvmRestorer:
         self._store_gfn = 0
         self._console_gfn = 0
         self._populated = _Populated()
-        self._pending: list = []
-        self._pending_next = 0
+        self._targets: list[memoryview] = []  # the pending PAGE_DATA payload's guest memory, one view per run
+        self._target_index = 0  # where the next payload byte goes: targets[index][within]
+        self._target_within = 0
+        self._payload_left = 0  # payload bytes of the pending PAGE_DATA not received yet
         self._page_record_offset = 0
         self._verify = False
         self._libxc_done = False
@@ -169,14 +174,14 @@ class HvmRestorer:
             self.feed(b"")
         if not self._libxc_done:
             raise TruncatedStream("stream ended without an END record", self._reader.offset)
-        self._pending = []
+        self._targets = []
         return HvmRestoreResult(
             domid=self.domid, store_gfn=self._store_gfn, console_gfn=self._console_gfn, params=tuple(self._params),
             context=self._context or b"", pages_written=self.pages_written, pages_populated=self.pages_populated,
             emulator_id=self._emulator_id, emulator_context=self._emulator_context, xenstore=self._xenstore)
 
     def close(self) -> None:
-        self._pending = []
+        self._targets = []
 
     def _call(self, what: str, call, *args):
         try:
@@ -239,7 +244,7 @@ class HvmRestorer:
         self._policy[slot] = body.pack()
 
     def _page_data(self, body) -> None:
-        if self._pending_next < len(self._pending):
+        if self._payload_left:
             raise _Fail("previous PAGE_DATA payload incomplete")
         self._page_record_offset = self._offset
         self._infer_static_data_end()
@@ -247,21 +252,24 @@ class HvmRestorer:
             raise _Fail("received before STATIC_DATA_END")
         pfns, types = body.pfns, body.types
         first = pfns[0]
-        if _NEEDS_RAM.isdisjoint(types):  # a hole: nothing to allocate or receive
-            data_pfns = ()
-        elif abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types) and pfns == array("Q", range(first, first + len(pfns))):
+        self._targets, self._target_index, self._target_within = [], 0, 0
+        if _FLAG not in types.translate(_NEEDS_RAM_FLAGS):  # a hole: nothing to allocate or receive
+            return
+        if _FLAG not in types.translate(_DATALESS_FLAGS) and is_consecutive(pfns, first):
             self._populate_run(first, len(pfns))
             data_pfns = range(first, first + len(pfns))
         else:
             self._populate([p for p, t in zip(pfns, types) if t in _NEEDS_RAM])
             data_pfns = [p for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]
-        self._pending, self._pending_next = [], 0
-        if not data_pfns:
-            return
-        frames = self._call("map page batch", self.hv.map_foreign, self.domid, data_pfns, True)
-        if None in frames:
-            raise _Fail(f"cannot map gfn {data_pfns[frames.index(None)]:#x} writable")
-        self._pending = frames
+            if not data_pfns:
+                return
+        runs = self._call("map page batch", self.hv.map_foreign_runs, self.domid, data_pfns, True)
+        if sum(run.count for run in runs) != len(data_pfns):
+            covered = {k for run in runs for k in range(run.first, run.first + run.count)}
+            missing = next(k for k in range(len(data_pfns)) if k not in covered)
+            raise _Fail(f"cannot map gfn {data_pfns[missing]:#x} writable")
+        self._targets = [run.view for run in runs]
+        self._payload_left = len(data_pfns) * abi.PAGE_SIZE
 
     def _populate_run(self, first: int, count: int) -> None:
         if self._populated.run_missing(first, count) and (first >> _CHUNK_SHIFT) == ((first + count - 1) >> _CHUNK_SHIFT):
@@ -295,56 +303,90 @@ class HvmRestorer:
         self.pages_populated += len(extents) * _SPAN + len(singles)
 
     def _page_payload(self, event: PagePayload) -> None:
+        """Views mode: whole pages of the pending payload, copied (or, verifying, compared) into guest memory."""
         data = event.data
-        first = self._pending_next
-        targets = self._pending[first:first + event.page_count]
-        for k, target in enumerate(targets):
-            page = data[k << 12:(k + 1) << 12]
-            if not self._verify:
-                target[:] = page
-            elif page != target:
+        if self._verify:
+            self._compare(data)
+        else:
+            self._copy_in(data)
+            self.pages_written += len(data) >> 12
+        self._payload_left -= len(data)
+
+    def _copy_in(self, piece: memoryview) -> None:
+        """Payload bytes into the targets from the cursor on, one copy per run they touch."""
+        targets, index, within = self._targets, self._target_index, self._target_within
+        while piece:
+            target = targets[index]
+            take = min(len(target) - within, len(piece))
+            target[within:within + take] = piece[:take]
+            piece = piece[take:]
+            within += take
+            if within == len(target):
+                index, within = index + 1, 0
+        self._target_index, self._target_within = index, within
+
+    def _compare(self, pages: memoryview) -> None:
+        """Verify mode: whole payload pages against the guest's pages from the (page-aligned) cursor on."""
+        targets, index, within = self._targets, self._target_index, self._target_within
+        for k in range(0, len(pages), abi.PAGE_SIZE):
+            target = targets[index]
+            if pages[k:k + abi.PAGE_SIZE] != target[within:within + abi.PAGE_SIZE]:
                 self.verify_mismatches += 1
                 log.warning("verify: page differs", offset=self._page_record_offset)
-        self._pending_next = first + len(targets)
-        if not self._verify:
-            self.pages_written += len(targets)
+            within += abi.PAGE_SIZE
+            if within == len(target):
+                index, within = index + 1, 0
+        self._target_index, self._target_within = index, within
 
     def _receive_payload(self, fd: int) -> None:
-        """Passthrough: the rest of the pending payload, from the reader's buffer then the fd, into the frames."""
+        """Passthrough: the rest of the pending payload, what the reader buffered of it then the fd, into the
+        guest's memory with one iovec per run (verifying: into scratch memory, then compared page by page)."""
         reader = self._reader
-        first = self._pending_next
-        targets = self._pending[first:]
-        if self._verify:
-            scratch = memoryview(bytearray(len(targets) << 12))
-            receive = [scratch[k << 12:(k + 1) << 12] for k in range(len(targets))]
-        else:
-            receive = targets
-        total = len(receive) << 12
-        filled = 0
-        while reader.buffered and filled < total:
+        total = self._payload_left
+        scratch = memoryview(bytearray(total)) if self._verify else None
+        while reader.buffered and self._payload_left:
             piece = reader.take_payload()
-            while piece:
-                index, within = filled >> 12, filled & 0xFFF
-                take = min(abi.PAGE_SIZE - within, len(piece))
-                receive[index][within:within + take] = piece[:take]
-                piece = piece[take:]
-                filled += take
+            self._fill(piece, scratch, total)
         moved = 0
-        while filled < total:
-            index, within = filled >> 12, filled & 0xFFF
-            n = os.readv(fd, [receive[index][within:], *receive[index + 1:index + _IOV_MAX]])
+        while self._payload_left:
+            if scratch is None:
+                index, within = self._target_index, self._target_within
+                vector = [self._targets[index][within:], *self._targets[index + 1:index + _IOV_MAX]]
+            else:
+                vector = [scratch[total - self._payload_left:]]
+            n = os.readv(fd, vector)
             if not n:
                 reader.payload_consumed(moved)
-                raise TruncatedStream(f"truncated PAGE_DATA payload: {total - filled} bytes missing",
+                raise TruncatedStream(f"truncated PAGE_DATA payload: {self._payload_left} bytes missing",
                                       self._page_record_offset)
-            filled += n
             moved += n
+            if scratch is None:
+                self._advance(n)
+            else:
+                self._payload_left -= n
         reader.payload_consumed(moved)
-        if self._verify:
-            self.verify_mismatches += sum(a != b for a, b in zip(receive, targets))
+        if scratch is None:
+            self.pages_written += total >> 12
         else:
-            self.pages_written += len(targets)
-        self._pending_next = len(self._pending)
+            self._compare(scratch)
+
+    def _fill(self, piece: memoryview, scratch: memoryview | None, total: int) -> None:
+        if scratch is None:
+            self._copy_in(piece)
+        else:
+            done = total - self._payload_left
+            scratch[done:done + len(piece)] = piece
+        self._payload_left -= len(piece)
+
+    def _advance(self, n: int) -> None:
+        """Move the cursor over n bytes the kernel wrote into the targets."""
+        targets, index, within = self._targets, self._target_index, self._target_within
+        self._payload_left -= n
+        n += within
+        while index < len(targets) and n >= len(targets[index]):
+            n -= len(targets[index])
+            index += 1
+        self._target_index, self._target_within = index, n
 
     def _tsc_info(self, body) -> None:
         self._call("set TSC info", self.hv.set_tsc_info, self.domid,
@@ -387,7 +429,7 @@ class HvmRestorer:
         raise _Fail("CHECKPOINT in a plain (not checkpointed) stream")
 
     def _end(self, body) -> None:
-        if self._pending_next < len(self._pending):
+        if self._payload_left:
             raise _Fail("PAGE_DATA payload incomplete")
         if self._context is None:
             raise _Fail("stream has no HVM_CONTEXT record")

@@ -33,6 +33,7 @@ from xenstream.hv import abi, hvm_params
 from xenstream.hv.emulator import EmulatorState
 from xenstream.hv.guestview import hypervisor_call
 from xenstream.hv.interface import Hypervisor
+from xenstream.hv.u64runs import consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.libxl_records import EmulatorContext, EmulatorXenstoreData, LibxcContext, LibxlEnd
 from xenstream.v2.records import DomainHeader, End, HvmContext, HvmParams, ImageHeader, StaticDataEnd, X86TscInfo
@@ -69,45 +70,23 @@ def migrated_params(hv: Hypervisor, domid: int) -> tuple[tuple[int, int], ...]:
     return tuple((index, value) for index, value in values if value)
 
 
-def _ramp(count: int) -> int:
-    """The little-endian words 0, 1, ..., count-1 as one integer."""
-    return int.from_bytes(struct.pack(f"<{count}Q", *range(count)), "little")
-
-
-def _ones(count: int) -> int:
-    """The little-endian words 1, 1, ..., 1 (count of them) as one integer."""
-    return int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * count, "little")
-
-
-_FULL_RAMP = _ramp(abi.MAX_BATCH_SIZE)
-_FULL_ONES = _ones(abi.MAX_BATCH_SIZE)
-
-
-def consecutive_words(first_word: int, count: int) -> bytes:
-    """The little-endian words first_word, first_word + 1, ... (count of them), computed as one big-integer
-    sum (no int per word); no word may carry out of 64 bits."""
-    ramp, ones = (_FULL_RAMP, _FULL_ONES) if count == abi.MAX_BATCH_SIZE else (_ramp(count), _ones(count))
-    return (ramp + first_word * ones).to_bytes(8 * count, "little")
-
-
 def page_data_head(first: int, codes, present: set[int]) -> bytes:
     """Record header and pfn words of PAGE_DATA for gfns first..first+len(codes)-1 of the given page-type
     codes (`present`: the set of them)."""
     count = len(codes)
     if present == {_NOTAB}:
-        words, data_pages = consecutive_words(first, count), count
+        words, data_pages = consecutive(first, count), count
     elif present == {_XTAB}:  # a hole: the type bits sit above every pfn bit, so the words are a range too
-        words, data_pages = consecutive_words(first | _XTAB_WORD, count), 0
+        words, data_pages = consecutive(first | _XTAB_WORD, count), 0
     else:
-        pfn_words = array("Q", range(first, first + count))
+        words = consecutive(first, count)
         for i, code in enumerate(codes):
             if code:
-                pfn_words[i] |= (code >> abi.PFINFO_LTAB_SHIFT) << _TYPE_SHIFT
-        if sys.byteorder != "little":
-            pfn_words.byteswap()
-        words = pfn_words.tobytes()
+                words[i] |= (code >> abi.PFINFO_LTAB_SHIFT) << _TYPE_SHIFT
         data_pages = count - sum(codes.count(code) for code in present & _DATALESS_CODES)
-    return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + abi.PAGE_SIZE * data_pages, count, 0) + words
+    if sys.byteorder != "little":
+        words.byteswap()
+    return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + abi.PAGE_SIZE * data_pages, count, 0) + words.tobytes()
 
 
 def code_set(codes) -> set[int]:

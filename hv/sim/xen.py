@@ -387,9 +387,12 @@ class SimXen:
         if dom.is_hvm:
             if len(dom.hvm_p2m) <= top:
                 dom.hvm_p2m.extend(array("Q", [abi.INVALID_MFN]) * (top + 1 - len(dom.hvm_p2m)))
+            p2m = dom.hvm_p2m
             for gfn, mfn in zip(gfns, firsts):
-                for k in range(span):
-                    dom.hvm_p2m[gfn + k] = mfn + k
+                if span == 1:
+                    p2m[gfn] = mfn
+                else:
+                    p2m[gfn:gfn + span] = consecutive(mfn, span)
             return array("Q", gfns)
         return array("Q", firsts)
 

@@ -165,10 +165,14 @@ def receive_from_fd(fd: int, options: ReceiveOptions, on_commit: Callable[[int],
     view = memoryview(buffer)
     try:
         while True:
-            n = os.readv(fd, [buffer])
+            targets = restorer.payload_targets()  # page payloads go from the socket straight into the guest
+            n = os.readv(fd, targets or [buffer])
             if first_byte_at is None:
                 first_byte_at = time.time()
             received += n
+            if targets and n:
+                restorer.payload_filled(n)
+                continue
             restorer.feed(view[:n] if n else b"")
             if not n:
                 break

@@ -108,6 +108,22 @@ class CheckpointRestorer:
                 return
             _EVENTS[type(event)](self, event)
 
+    def payload_targets(self, limit: int = 1024) -> list[memoryview]:
+        """When the next stream bytes are the payload of a PAGE_DATA record going straight to the engine:
+        buffers in the guest's frames to read them into (then `payload_filled`), else []."""
+        reader = self._reader
+        if self._outcome is not None or self._class != _FORWARD or not reader.payload_remaining or reader.buffered:
+            return []
+        self._settle(self._raw_base + len(self._raw))  # the element's bytes so far reach the engine first
+        return self.inner.payload_targets(limit)
+
+    def payload_filled(self, n: int) -> None:
+        """The driver read the next `n` stream bytes into the buffers `payload_targets` gave."""
+        self._reader.payload_consumed(n)
+        self.inner.payload_filled(n)
+        self._raw_base += n
+        self._cursor = self._raw_base
+
     def finish(self) -> CheckpointOutcome:
         if self._outcome is None:
             self.feed(b"")

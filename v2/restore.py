@@ -214,6 +214,33 @@ class PvRestorer:
                 reader.feed(os.read(fd, HEAD_READ))
         return self.finish()
 
+    def payload_targets(self, limit: int = _IOV_MAX) -> list[memoryview]:
+        """Passthrough mode, driven by feed(): up to `limit` writable buffers (guest frames, scratch pages for
+        pagetables) where the next payload bytes of the pending PAGE_DATA record go, in order, for the
+        driver to read into (then `payload_filled`); [] when no payload is pending."""
+        reader = self._reader
+        if not self._passthrough or not reader.payload_remaining or reader.buffered:
+            return []
+        sink = self._payload_sink()
+        segments, index = sink.segments, sink.index
+        return [segments[index][sink.within:], *segments[index + 1:index + limit]]
+
+    def payload_filled(self, n: int) -> None:
+        """Passthrough mode: the driver put the next `n` payload bytes into the buffers `payload_targets` gave."""
+        reader = self._reader
+        if n > reader.payload_remaining or self._sink is None:
+            raise ValueError(f"payload_filled({n}) with {reader.payload_remaining} payload bytes pending")
+        sink = self._sink
+        segments, index, within = sink.segments, sink.index, sink.within + n
+        while index < len(segments) and within >= len(segments[index]):
+            within -= len(segments[index])
+            index += 1
+        sink.index, sink.within = index, within
+        reader.payload_consumed(n)
+        if not reader.payload_remaining:
+            self._sink_complete()
+            self._drain()
+
     def _drain(self) -> bool:
         """Apply every event available; True once the stream has ended."""
         reader = self._reader

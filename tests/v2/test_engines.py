@@ -144,10 +144,11 @@ def test_restore_is_independent_of_feeding(chunk):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sizes=st.lists(st.integers(1, 3 << 12), min_size=1, max_size=40), direct=st.lists(st.booleans(), min_size=1))
+@given(sizes=st.lists(st.integers(1, 3 << 12), min_size=1, max_size=40),
+       direct=st.lists(st.sampled_from(["feed", "feed_payload", "targets"]), min_size=1))
 def test_passthrough_feeding_restores_the_same_guest(sizes, direct):
-    """Passthrough mode fed by a driver: stream bytes through feed(), payload bytes through feed() or
-    feed_payload() in any split, restore the guest as the views mode does."""
+    """Passthrough mode fed by a driver: stream bytes through feed(), payload bytes through feed(),
+    feed_payload() or copied into payload_targets() in any split, restore the guest as the views mode does."""
     from xenstream.v2.restore import PvRestorer
 
     src = _passthrough_source()
@@ -158,9 +159,13 @@ def test_passthrough_feeding_restores_the_same_guest(sizes, direct):
     stream, position, step = memoryview(src.stream), 0, 0
     while position < len(stream):
         n = sizes[step % len(sizes)]
-        if restorer.payload_remaining and direct[step % len(direct)]:
+        how = direct[step % len(direct)] if restorer.payload_remaining else "feed"
+        if how == "feed_payload":
             n = min(n, restorer.payload_remaining)
             restorer.feed_payload(stream[position:position + n])
+        elif how == "targets":
+            n = _read_into(restorer.payload_targets(), stream[position:position + n])
+            restorer.payload_filled(n)
         else:
             restorer.feed(stream[position:position + n])
         position += n
@@ -181,6 +186,18 @@ def test_feed_payload_refuses_more_than_the_payload():
         position += 1
     with pytest.raises(ValueError):
         restorer.feed_payload(bytes(restorer.payload_remaining + 1))
+
+
+def _read_into(targets: list, data) -> int:
+    """What readv does: fill the buffers in order from `data`; returns how many bytes moved."""
+    moved = 0
+    for target in targets:
+        take = min(len(target), len(data) - moved)
+        target[:take] = data[moved:moved + take]
+        moved += take
+        if moved == len(data):
+            break
+    return moved
 
 
 _PASSTHROUGH_SOURCE: list = []

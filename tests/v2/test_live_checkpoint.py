@@ -37,6 +37,32 @@ def restore(run, stream: bytes, chunk: int = 1 << 16, head: int = 0):
     return xen, restorer.finish()
 
 
+def restore_reading_into_targets(run, stream: bytes, chunk: int):
+    """Drive the restorer as `receive_from_fd` does: payload bytes go into `payload_targets()` when it offers
+    some (at most `chunk` at a time, like a short readv), everything else through feed()."""
+    xen = es.new_host(run.spec, 1)
+    domid = xen.create_domain(max_vcpus=run.spec.vcpus, max_pages=run.spec.nr_pages)
+    restorer = CheckpointRestorer(xen, domid, store_evtchn=es.STORE_EVTCHN, console_evtchn=es.CONSOLE_EVTCHN)
+    position, direct = 0, 0
+    while position < len(stream):
+        targets = restorer.payload_targets()
+        if targets:
+            moved = 0
+            for target in targets:
+                take = min(len(target), chunk - moved, len(stream) - position - moved)
+                target[:take] = stream[position + moved:position + moved + take]
+                moved += take
+                if moved == chunk or position + moved == len(stream):
+                    break
+            restorer.payload_filled(moved)
+            direct += moved
+        else:
+            moved = min(chunk, len(stream) - position)
+            restorer.feed(stream[position:position + moved])
+        position += moved
+    return xen, restorer.finish(), direct
+
+
 def boundaries(stream: bytes) -> tuple[list[int], list[int]]:
     """Offsets where records (and headers) begin, plus the end; and the offsets where each checkpoint
     becomes complete (after CHECKPOINT in a bare libxc stream, after CHECKPOINT_END in a libxl one)."""
@@ -74,6 +100,17 @@ def test_sender_writes_checkpoints_and_no_end(checkpointed):
 
 def test_whole_stream_fails_over_to_the_last_checkpoint(checkpointed):
     xen, outcome = restore(checkpointed, checkpointed.stream)
+    assert (outcome.checkpoints, outcome.failover) == (3, True)
+    es.assert_same_guest(checkpointed.suspended[-1][0], es.restored_digest(xen, outcome.result),
+                         es.exempt_pfns(checkpointed.guest))
+    es.assert_start_info(xen, outcome.result, checkpointed.suspended[-1][1], checkpointed.guest.layout)
+
+
+@pytest.mark.parametrize("chunk", [5000, 1 << 20])
+def test_payloads_read_into_the_guest_give_the_same_outcome(checkpointed, chunk):
+    """receive_from_fd's way: the first checkpoint's page payloads land in the guest's frames directly."""
+    xen, outcome, direct = restore_reading_into_targets(checkpointed, checkpointed.stream, chunk)
+    assert direct > 0
     assert (outcome.checkpoints, outcome.failover) == (3, True)
     es.assert_same_guest(checkpointed.suspended[-1][0], es.restored_digest(xen, outcome.result),
                          es.exempt_pfns(checkpointed.guest))

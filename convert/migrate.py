@@ -45,6 +45,7 @@ from xenstream.v2.writer import V2Writer
 log = structlog.get_logger()
 
 READ_SIZE = 1 << 20
+HEAD_READ = 64 << 10
 STORE_EVTCHN = 1
 CONSOLE_EVTCHN = 2
 
@@ -164,12 +165,16 @@ def receive_from_fd(fd: int, options: ReceiveOptions, on_commit: Callable[[int],
     buffer = bytearray(READ_SIZE)  # reused: a fresh 1 MiB object per read costs page faults every time
     view = memoryview(buffer)
     try:
+        after_payload = False
         while True:
             targets = restorer.payload_targets()  # page payloads go from the socket straight into the guest
-            n = os.readv(fd, targets or [buffer])
+            # Right after a payload a record head follows: a short read, so little of the next payload
+            # arrives in the buffer (it would be copied from there).
+            n = os.readv(fd, targets or [view[:HEAD_READ] if after_payload else buffer])
             if first_byte_at is None:
                 first_byte_at = time.time()
             received += n
+            after_payload = bool(targets)
             if targets and n:
                 restorer.payload_filled(n)
                 continue

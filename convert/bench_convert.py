@@ -19,10 +19,19 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 
-from xenstream.convert.bench import Benchmark, human_size, measure, parse_size, register
-from xenstream.hv.abi import PAGE_SIZE
+from xenstream.convert.bench import (
+    Benchmark,
+    add_stream_arguments,
+    human_size,
+    measure,
+    parse_size,
+    register,
+    run_sizes,
+    synthesise_pv64_v1,
+    verdict,
+    with_stream,
+)
 
 TARGET_RATIO = 0.95
 TARGET_VERIFY_RATIO = 1 / 1.15
@@ -33,26 +42,15 @@ DISK_MARGIN = 256 << 20
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="1G,4G", help="comma-separated stream sizes (default 1G,4G)")
-    parser.add_argument("--dir", help="scratch directory (default: a new directory in /dev/shm if it has room, "
-                                      "else in TMPDIR)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each command; the best counts (default 3)")
+    add_stream_arguments(parser, each="command", dir_help="scratch directory (default: a new directory in /dev/shm "
+                                                          "if it has room, else in TMPDIR)")
     parser.add_argument("--no-xen", action="store_true", help="do not run Xen's converter even when installed")
-    parser.add_argument("--keep", action="store_true", help="keep the generated streams")
 
 
 def run(args) -> int:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    scratch = args.dir or _scratch_directory(max(sizes))
-    os.makedirs(scratch, exist_ok=True)
-    failures = 0
-    try:
-        for size in sizes:
-            failures += _bench_size(scratch, size, max(1, args.repeat), args)
-    finally:
-        if not args.keep and not args.dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return 1 if failures else 0
+    return run_sizes(args, lambda scratch, size, repeat: _bench_size(scratch, size, repeat, args),
+                     scratch=None if args.dir else _scratch_directory(max(sizes)))
 
 
 def _scratch_directory(size: int) -> str:
@@ -63,30 +61,10 @@ def _scratch_directory(size: int) -> str:
 
 def _bench_size(scratch: str, size: int, repeat: int, args) -> int:
     source = os.path.join(scratch, f"pv64-{human_size(size).replace(' ', '')}.v1")
-    free = shutil.disk_usage(scratch).free
-    if not os.path.exists(source) and free < 2 * size + DISK_MARGIN:
-        print(f"convert {human_size(size)}: skipped, {human_size(free)} free in {scratch} "
-              f"(needs {human_size(2 * size + DISK_MARGIN)})")
-        return 0
     target = os.path.join(scratch, "out.v2")
-    try:
-        if not os.path.exists(source):
-            _synthesise(source, size)
-        return _compare(source, target, repeat, xen=not args.no_xen and os.path.exists(XEN_CONVERTER))
-    finally:
-        for path in (target,) if args.keep else (target, source):
-            if os.path.exists(path):
-                os.unlink(path)
-
-
-def _synthesise(path: str, size: int) -> None:
-    from xenstream.legacy.build import BuildOptions, write_stream
-
-    start = time.perf_counter()
-    with open(path, "wb") as sink:
-        write_stream(sink, BuildOptions(width=64, guest="pv", pages=size // PAGE_SIZE, vcpus=4, seed=1))
-    print(f"synthesised {path}: {human_size(os.path.getsize(path))} 64-bit PV v1 stream "
-          f"in {time.perf_counter() - start:.1f} s")
+    xen = not args.no_xen and os.path.exists(XEN_CONVERTER)
+    return with_stream("convert", source, size, 2 * size + DISK_MARGIN, synthesise_pv64_v1,
+                       lambda: _compare(source, target, repeat, xen), args.keep, scratch_files=(target,))
 
 
 def _ours() -> str:
@@ -155,9 +133,9 @@ def _compare(source: str, target: str, repeat: int, xen: bool) -> int:
             line = (f"    {name:24} {best.seconds:7.3f} s  {gb / best.seconds:6.2f} GB/s  "
                     f"{ratio:.2f}x cat's throughput")
             if name.startswith("ours"):
-                line += f" (target {target_ratio:.2f}x: {'met' if ratio >= target_ratio else 'MISSED'})"
+                line += f" (target {target_ratio:.2f}x: {verdict(ratio >= target_ratio)})"
                 line += f"; peak RSS {human_size(rss)} (target under {human_size(TARGET_RSS)}: "
-                line += f"{'met' if rss < TARGET_RSS else 'MISSED'})"
+                line += f"{verdict(rss < TARGET_RSS)})"
             else:
                 line += f"; peak RSS {human_size(rss)}"
             print(line)
@@ -165,7 +143,7 @@ def _compare(source: str, target: str, repeat: int, xen: bool) -> int:
         if "ours" in seconds and "xen" in seconds:
             speedup = seconds["xen"] / seconds["ours"]
             print(f"    ours vs Xen's converter  {speedup:.2f}x as fast "
-                  f"(target never slower: {'met' if speedup >= 1 else 'MISSED'})")
+                  f"(target never slower: {verdict(speedup >= 1)})")
     return 1 if failures else 0
 
 

@@ -18,13 +18,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import sys
-import tempfile
-import time
 
-from xenstream.convert.bench import Benchmark, human_size, measure, parse_size, register
-from xenstream.hv.abi import PAGE_SIZE
+from xenstream.convert.bench import (
+    Benchmark,
+    add_stream_arguments,
+    human_size,
+    measure,
+    register,
+    run_sizes,
+    synthesise_pv64_v1,
+    verdict,
+    with_stream,
+)
 
 TARGET_RATIO = 0.8
 TARGET_RSS = 64 << 20
@@ -32,50 +38,17 @@ DISK_MARGIN = 256 << 20
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="1G,4G", help="comma-separated stream sizes (default 1G,4G)")
-    parser.add_argument("--dir", help="scratch directory for the streams (default: a new temporary directory)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline; the best counts (default 3)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated streams")
+    add_stream_arguments(parser, each="pipeline")
 
 
 def run(args) -> int:
-    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    scratch = args.dir or tempfile.mkdtemp(prefix="xenstream-bench-")
-    os.makedirs(scratch, exist_ok=True)
-    failures = 0
-    try:
-        for size in sizes:
-            failures += _bench_size(scratch, size, max(1, args.repeat), args.keep)
-    finally:
-        if not args.keep and not args.dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return 1 if failures else 0
+    return run_sizes(args, lambda scratch, size, repeat: _bench_size(scratch, size, repeat, args.keep))
 
 
 def _bench_size(scratch: str, size: int, repeat: int, keep: bool) -> int:
     path = os.path.join(scratch, f"pv64-{human_size(size).replace(' ', '')}.v1")
-    free = shutil.disk_usage(scratch).free
-    if not os.path.exists(path) and free < size + DISK_MARGIN:
-        print(f"legacy-parse {human_size(size)}: skipped, {human_size(free)} free in {scratch} "
-              f"(needs {human_size(size + DISK_MARGIN)})")
-        return 0
-    try:
-        if not os.path.exists(path):
-            _synthesise(path, size)
-        return _compare(path, repeat)
-    finally:
-        if not keep:
-            os.unlink(path)
-
-
-def _synthesise(path: str, size: int) -> None:
-    from xenstream.legacy.build import BuildOptions, write_stream
-
-    start = time.perf_counter()
-    with open(path, "wb") as sink:
-        write_stream(sink, BuildOptions(width=64, guest="pv", pages=size // PAGE_SIZE, vcpus=4, seed=1))
-    print(f"synthesised {path}: {human_size(os.path.getsize(path))} 64-bit PV v1 stream "
-          f"in {time.perf_counter() - start:.1f} s")
+    return with_stream("legacy-parse", path, size, size + DISK_MARGIN, synthesise_pv64_v1,
+                       lambda: _compare(path, repeat), keep)
 
 
 def _compare(path: str, repeat: int) -> int:
@@ -102,11 +75,11 @@ def _compare(path: str, repeat: int) -> int:
         rss = max(rep["max_rss_bytes"] for rep in reports)
         ratio = best_cat / best_whole
         print(f"  cat FILE | parser, {mode:6}         {best_whole:7.3f} s  {gb / best_whole:6.2f} GB/s  ratio to cat "
-              f"{ratio:.2f}x (target {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'MISSED'}); {what}")
+              f"{ratio:.2f}x (target {TARGET_RATIO}x: {verdict(ratio >= TARGET_RATIO)}); {what}")
         print(f"    of which parsing               {best_parse:7.3f} s  (the rest: interpreter start-up, imports); "
               f"{reports[0]['events']} events")
         print(f"    parser peak RSS                {human_size(rss)} (target under {human_size(TARGET_RSS)}: "
-              f"{'met' if rss < TARGET_RSS else 'MISSED'})")
+              f"{verdict(rss < TARGET_RSS)})")
     return 1 if failures else 0
 
 

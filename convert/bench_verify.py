@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
-from xenstream.convert.bench import Benchmark, human_size, measure, parse_size, register
+from xenstream.convert.bench import (
+    Benchmark,
+    add_stream_arguments,
+    human_size,
+    measure,
+    register,
+    run_sizes,
+    verdict,
+    with_stream,
+)
 from xenstream.hv.abi import PAGE_SIZE
 
 TARGET_RATIO = 0.5
@@ -24,40 +31,16 @@ DISK_MARGIN = 256 << 20
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="1G,4G", help="comma-separated stream sizes (default 1G,4G)")
-    parser.add_argument("--dir", help="scratch directory for the streams (default: a new temporary directory)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each program; the best counts (default 3)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated streams")
+    add_stream_arguments(parser, each="program")
 
 
 def run(args) -> int:
-    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    scratch = args.dir or tempfile.mkdtemp(prefix="xenstream-bench-")
-    os.makedirs(scratch, exist_ok=True)
-    failures = 0
-    try:
-        for size in sizes:
-            failures += _bench_size(scratch, size, max(1, args.repeat), args.keep)
-    finally:
-        if not args.keep and not args.dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return 1 if failures else 0
+    return run_sizes(args, lambda scratch, size, repeat: _bench_size(scratch, size, repeat, args.keep))
 
 
 def _bench_size(scratch: str, size: int, repeat: int, keep: bool) -> int:
     path = os.path.join(scratch, f"pv-{human_size(size).replace(' ', '')}.xl")
-    free = shutil.disk_usage(scratch).free
-    if not os.path.exists(path) and free < size + DISK_MARGIN:
-        print(f"verify {human_size(size)}: skipped, {human_size(free)} free in {scratch} "
-              f"(needs {human_size(size + DISK_MARGIN)})")
-        return 0
-    try:
-        if not os.path.exists(path):
-            _synthesise(path, size)
-        return _compare(path, repeat)
-    finally:
-        if not keep:
-            os.unlink(path)
+    return with_stream("verify", path, size, size + DISK_MARGIN, _synthesise, lambda: _compare(path, repeat), keep)
 
 
 def _synthesise(path: str, size: int) -> None:
@@ -95,11 +78,11 @@ def _compare(path: str, repeat: int) -> int:
           f"best of {repeat}")
     print(f"  cat FILE > /dev/null     {best_cat:7.3f} s  {gbps / best_cat:6.2f} GB/s")
     print(f"  verifier, verifying      {best_verify:7.3f} s  {gbps / best_verify:6.2f} GB/s  "
-          f"ratio to cat {ratio:.2f}x (target {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+          f"ratio to cat {ratio:.2f}x (target {TARGET_RATIO}x: {verdict(ratio >= TARGET_RATIO)})")
     print(f"  verifier, whole process  {best_run.seconds:7.3f} s  {gbps / best_run.seconds:6.2f} GB/s  "
           f"ratio to cat {whole:.2f}x (includes {best_run.seconds - best_verify:.2f} s of interpreter start-up)")
     print(f"  verifier peak RSS        {human_size(rss)} (target under {human_size(TARGET_RSS)}: "
-          f"{'met' if rss < TARGET_RSS else 'MISSED'})")
+          f"{verdict(rss < TARGET_RSS)})")
     return 0 if reports[0]["ok"] else 1
 
 

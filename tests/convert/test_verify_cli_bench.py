@@ -54,8 +54,8 @@ def test_bench_verify_small_run(tmp_path):
 
 
 def test_bench_verify_skips_when_the_disk_is_too_small(tmp_path, monkeypatch, capsys):
-    from xenstream.convert import bench_verify
+    from xenstream.convert import bench, bench_verify
 
-    monkeypatch.setattr(bench_verify.shutil, "disk_usage", lambda path: type("U", (), {"free": 1 << 20})())
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: type("U", (), {"free": 1 << 20})())
     assert bench_verify._bench_size(str(tmp_path), 4 << 30, 1, False) == 0
     assert "skipped" in capsys.readouterr().out

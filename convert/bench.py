@@ -235,8 +235,34 @@ def make_resident(memory) -> None:
         memory[offset] = 0
 
 
-def save_restore_rounds(module: str, spec: str, image: str, copy: str, repeat: int,
-                        fresh_image: bool) -> tuple[dict, dict, int]:
+def add_engine_arguments(parser) -> None:
+    """--size, --dir, --repeat: the options of a save/restore benchmark (see run_save_restore)."""
+    parser.add_argument("--size", default="1G", help="guest memory (default 1G)")
+    parser.add_argument("--dir", help="scratch directory (default: a new temporary directory)")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds; the best of each program counts (default 2)")
+
+
+def run_save_restore(module: str, args, guest_kind: str, *, image_name: str, scratch_prefix: str, label: str,
+                     target_ratio: float, target_extra_rss: int, fresh_image: bool) -> int:
+    """A save/restore benchmark: a seeded `guest_kind` guest of --size, saved to and restored from
+    `image_name` in --dir by the module's "save" and "restore" children (child_main), against cat, in
+    --repeat rounds; the figures printed with `label` before them. 1 when a target was missed."""
+    size = parse_size(args.size)
+    spec = f"{guest_kind}:mem={size // (1 << 20)}M,vcpus=2,seed=1"
+    scratch = args.dir or tempfile.mkdtemp(prefix=scratch_prefix)
+    os.makedirs(scratch, exist_ok=True)
+    image, copy = os.path.join(scratch, image_name), os.path.join(scratch, "copy.v2")
+    try:
+        best, extra, stream_bytes = _save_restore_rounds(module, spec, image, copy, args.repeat, fresh_image)
+    finally:
+        if not args.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+    failures = _report_save_restore(label, size, stream_bytes, best, extra, target_ratio, target_extra_rss)
+    return 1 if failures else 0
+
+
+def _save_restore_rounds(module: str, spec: str, image: str, copy: str, repeat: int,
+                         fresh_image: bool) -> tuple[dict, dict, int]:
     """`repeat` rounds of: the module's "save" child writing `image`, ``cat image > copy``, its "restore"
     child reading `image`, ``cat image > /dev/null``. Returns the best seconds of save, restore, cat>file
     and cat>null, the largest extra RSS of save and restore, and the stream's size (from the save child's
@@ -261,7 +287,7 @@ def save_restore_rounds(module: str, spec: str, image: str, copy: str, repeat: i
     return best, extra, stream_bytes
 
 
-def report_save_restore(prefix: str, size: int, stream_bytes: int, best: dict, extra: dict, target_ratio: float,
+def _report_save_restore(prefix: str, size: int, stream_bytes: int, best: dict, extra: dict, target_ratio: float,
                         target_extra_rss: int) -> int:
     """Print save vs cat>file and restore vs cat>null (ratios, extra RSS, verdicts); the number missed."""
     failures = 0

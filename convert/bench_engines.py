@@ -19,17 +19,14 @@ ratios >= 0.5 and extra RSS < 64 MiB.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from xenstream.convert.bench import (
     Benchmark,
+    add_engine_arguments,
     child_main,
     make_resident,
-    parse_size,
     register,
-    report_save_restore,
-    save_restore_rounds,
+    run_save_restore,
     timed_engine,
 )
 
@@ -38,26 +35,14 @@ TARGET_EXTRA_RSS = 64 << 20
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--size", default="1G", help="guest memory (default 1G)")
+    add_engine_arguments(parser)
     parser.add_argument("--width", choices=("pv64", "pv32"), default="pv64", help="guest kind (default pv64)")
-    parser.add_argument("--dir", help="scratch directory (default: a new temporary directory)")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds; the best of each program counts (default 2)")
 
 
 def run(args) -> int:
-    size = parse_size(args.size)
-    spec = f"{args.width}:mem={size // (1 << 20)}M,vcpus=2,seed=1"
-    scratch = args.dir or tempfile.mkdtemp(prefix="xenstream-bench-")
-    os.makedirs(scratch, exist_ok=True)
-    image, copy = os.path.join(scratch, "guest.v2"), os.path.join(scratch, "copy.v2")
-    try:
-        # Both writers start from a new file, as cat does.
-        best, extra, stream_bytes = save_restore_rounds(__name__, spec, image, copy, args.repeat, fresh_image=True)
-    finally:
-        if not args.dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    failures = report_save_restore("", size, stream_bytes, best, extra, TARGET_RATIO, TARGET_EXTRA_RSS)
-    return 1 if failures else 0
+    # fresh_image: both writers start from a new file, as cat does.
+    return run_save_restore(__name__, args, args.width, image_name="guest.v2", scratch_prefix="xenstream-bench-",
+                            label="", target_ratio=TARGET_RATIO, target_extra_rss=TARGET_EXTRA_RSS, fresh_image=True)
 
 
 # ------------------------------------------------------------------ children

@@ -13,17 +13,14 @@ A ratio is baseline time / engine time. Targets: both ratios >= 0.6 and extra RS
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from xenstream.convert.bench import (
     Benchmark,
+    add_engine_arguments,
     child_main,
     make_resident,
-    parse_size,
     register,
-    report_save_restore,
-    save_restore_rounds,
+    run_save_restore,
     timed_engine,
 )
 
@@ -31,25 +28,10 @@ TARGET_RATIO = 0.6
 TARGET_EXTRA_RSS = 64 << 20
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--size", default="1G", help="guest memory (default 1G)")
-    parser.add_argument("--dir", help="scratch directory (default: a new temporary directory)")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds; the best of each program counts (default 2)")
-
-
 def run(args) -> int:
-    size = parse_size(args.size)
-    spec = f"hvm:mem={size // (1 << 20)}M,vcpus=2,seed=1"
-    scratch = args.dir or tempfile.mkdtemp(prefix="xenstream-bench-hvm-")
-    os.makedirs(scratch, exist_ok=True)
-    image, copy = os.path.join(scratch, "hvm.v2"), os.path.join(scratch, "copy.v2")
-    try:
-        best, extra, stream_bytes = save_restore_rounds(__name__, spec, image, copy, args.repeat, fresh_image=False)
-    finally:
-        if not args.dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-    failures = report_save_restore("hvm ", size, stream_bytes, best, extra, TARGET_RATIO, TARGET_EXTRA_RSS)
-    return 1 if failures else 0
+    return run_save_restore(__name__, args, "hvm", image_name="hvm.v2", scratch_prefix="xenstream-bench-hvm-",
+                            label="hvm ", target_ratio=TARGET_RATIO, target_extra_rss=TARGET_EXTRA_RSS,
+                            fresh_image=False)
 
 
 # ------------------------------------------------------------------ children
@@ -97,7 +79,7 @@ def _child_restore(spec_text: str, path: str) -> dict:
 _CHILDREN = {"save": _child_save, "restore": _child_restore}
 
 register(Benchmark(name="hvm", help="v2 HVM save and restore of a simulated guest vs cat (ratio and extra RSS)",
-                   add_arguments=add_arguments, run=run))
+                   add_arguments=add_engine_arguments, run=run))
 
 if __name__ == "__main__":
     child_main(_CHILDREN)

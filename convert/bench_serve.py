@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from xenstream.convert.bench import Benchmark, human_size, parse_size, register
+from xenstream.convert.bench import Benchmark, human_size, parse_size, register, verdict
 from xenstream.hv.abi import PAGE_SIZE
 
 TARGET_RATIO = 0.7
@@ -242,10 +242,10 @@ def _compare(path: str, streams: int, fmt: str, scratch: str, repeat: int) -> in
     print(f"  trivial relay    {relay_seconds:7.2f} s  {total / relay_seconds:8.1f} MB/s aggregate  "
           f"peak RSS {human_size(relay_rss)}")
     print(f"  xenstream serve  {service_seconds:7.2f} s  {total / service_seconds:8.1f} MB/s aggregate  "
-          f"ratio to the relay {ratio:.2f}x (target {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+          f"ratio to the relay {ratio:.2f}x (target {TARGET_RATIO}x: {verdict(ratio >= TARGET_RATIO)})")
     print(f"  service CPU      {service_cpu / repeat:.2f} s per run (start-up included; the relay's: {relay_cpu / repeat:.2f} s)")
     print(f"  service peak RSS {human_size(service_rss)} "
-          f"(target under {human_size(TARGET_RSS)}: {'met' if service_rss < TARGET_RSS else 'MISSED'})")
+          f"(target under {human_size(TARGET_RSS)}: {verdict(service_rss < TARGET_RSS)})")
     if not correct or relay_errors or service_errors:
         print(f"  OUTPUT WRONG: relay {sorted(set(relay_out))} (expected {size} each), service {sorted(set(service_out))} "
               f"(expected {expected} each); errors {relay_errors + service_errors}")

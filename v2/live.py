@@ -55,6 +55,7 @@ from xenstream.v2.save import (
     STREAM_VERSION,
     SaveError,
     _first_bad_entry,
+    page_data_head_codes,
     page_data_head_of,
     policy_records,
     vcpu_records,
@@ -375,10 +376,10 @@ class _LiveSaver:
         if unknown:
             i = next(i for i, code in enumerate(codes) if code in unknown)
             raise SaveError(f"unknown page type {codes[i]:#x} for pfn {pfns[i]:#x}")
-        types = [code >> abi.PFINFO_LTAB_SHIFT for code in codes]
         if (abi.INVALID_MFN not in gfns and set(codes).isdisjoint(_DATALESS_OR_TABLE_CODES)
-                and self._write_plain_batch(pfns, gfns, types)):
+                and self._write_plain_batch(pfns, gfns, codes)):
             return len(pfns), 0
+        types = [code >> abi.PFINFO_LTAB_SHIFT for code in codes]
         retry = [i for i, gfn in enumerate(gfns) if gfn == abi.INVALID_MFN]
         data_index = [i for i, code in enumerate(codes) if code not in _DATALESS_CODES]
         payloads: list = []
@@ -400,24 +401,31 @@ class _LiveSaver:
         self._emit(pfns, types, payloads)
         return len(payloads), len(retry)
 
-    def _write_plain_batch(self, pfns: list[int], gfns, types: list[int]) -> bool:
+    def _write_plain_batch(self, pfns: list[int], gfns, codes) -> bool:
         """The common batch, every entry a plain page with data: mapped as runs of frames and sent with no
         Python work per page. False (nothing written) if some frame does not map: the caller's per-page
         path then names it."""
         runs = hypervisor_call("map page batch", self.hv.map_foreign_runs, self.domid, gfns)
         if sum(run.count for run in runs) != len(gfns):
             return False
-        self._emit(pfns, types, [run.view for run in runs])
+        payloads = [run.view for run in runs]
+        if self.payload_fd is None:
+            self.writer.page_data(pfns, [code >> abi.PFINFO_LTAB_SHIFT for code in codes], payloads)
+        else:
+            self._writev(page_data_head_codes(pfns, codes), payloads)
         return True
 
     def _emit(self, pfns: list[int], types: list[int], payloads: list) -> None:
         if self.payload_fd is None:
             self.writer.page_data(pfns, types, payloads)
-        else:  # head and pages in one writev, the pages straight from guest memory
-            head = page_data_head_of(pfns, types)
-            total = len(head) + sum(len(buffer) for buffer in payloads)
-            writev_all(self.payload_fd, [head, *payloads], total)
-            self.writer.payload_written(total)
+        else:
+            self._writev(page_data_head_of(pfns, types), payloads)
+
+    def _writev(self, head: bytes, payloads: list) -> None:
+        """Head and pages in one writev, the pages straight from guest memory."""
+        total = len(head) + sum(len(buffer) for buffer in payloads)
+        writev_all(self.payload_fd, [head, *payloads], total)
+        self.writer.payload_written(total)
 
     def _normalise(self, pfns, types, data_index, payloads, tables: list[int]) -> list[int]:
         """Normalise the pagetable payloads in place; returns the batch indexes to defer (EAGAIN)."""

@@ -118,6 +118,12 @@ def stream_pages(view: PvGuestView, first_pfn: int, count: int):
     in pfn order, one page per entry whose type carries data: runs of the guest's own frames, with
     normalised private copies for pagetables (`pages_of` splits them into pages).
     """
+    codes, payloads = stream_codes(view, first_pfn, count)
+    return [code >> abi.PFINFO_LTAB_SHIFT for code in codes], payloads
+
+
+def stream_codes(view: PvGuestView, first_pfn: int, count: int):
+    """`stream_pages` with the PFINFO code of each pfn (type nibble << 28) instead of its type nibble."""
     hv, domid = view.hv, view.domid
     gfns = view.gfns(first_pfn, count)
     codes = hypervisor_call(f"page-type query of pfns {first_pfn:#x}+{count}", hv.get_page_types, domid, gfns)
@@ -126,7 +132,6 @@ def stream_pages(view: PvGuestView, first_pfn: int, count: int):
     if unknown:
         i = next(i for i, code in enumerate(codes) if code in unknown)
         raise SaveError(f"unknown page type {codes[i]:#x} for pfn {first_pfn + i:#x}")
-    types = [code >> abi.PFINFO_LTAB_SHIFT for code in codes]
     if present.isdisjoint(_DATALESS_CODES):
         data_index = range(count)
         data_gfns = gfns
@@ -134,18 +139,18 @@ def stream_pages(view: PvGuestView, first_pfn: int, count: int):
         data_index = [i for i, code in enumerate(codes) if code not in _DATALESS_CODES]
         data_gfns = [gfns[i] for i in data_index]
     if not data_index:
-        return types, []
+        return codes, []
     runs = hypervisor_call("map page batch", hv.map_foreign_runs, domid, data_gfns)
     if sum(run.count for run in runs) != len(data_gfns):
         covered = {slot for run in runs for slot in range(run.first, run.first + run.count)}
         i = data_index[next(slot for slot in range(len(data_gfns)) if slot not in covered)]
         raise SaveError(f"cannot map pfn {first_pfn + i:#x} (mfn {gfns[i]:#x})", errno.EFAULT)
     if present.isdisjoint(_TABLE_CODES):
-        return types, [run.view for run in runs]
+        return codes, [run.view for run in runs]
     table_slots = [slot for slot, i in enumerate(data_index) if codes[i] in _TABLE_CODES]
     pages = {slot: page for run in runs for slot, page in _table_pages(run, table_slots)}
     tables = normalised_tables(view, [first_pfn + data_index[slot] for slot in table_slots],
-                               [types[data_index[slot]] & 0x7 for slot in table_slots],
+                               [codes[data_index[slot]] >> abi.PFINFO_LTAB_SHIFT & 0x7 for slot in table_slots],
                                [pages[slot] for slot in table_slots])
     normalised = {slot: tables[k << 12:(k + 1) << 12] for k, slot in enumerate(table_slots)}
     payloads = []
@@ -160,7 +165,7 @@ def stream_pages(view: PvGuestView, first_pfn: int, count: int):
                 start = offset + 1
         if start < run.count:
             payloads.append(run.view[start << 12:])
-    return types, payloads
+    return codes, payloads
 
 
 def _table_pages(run, table_slots: list[int]):
@@ -265,8 +270,8 @@ class _PvSaver:
         batch = abi.MAX_BATCH_SIZE
         for first in range(0, view.p2m_size, batch):
             count = min(batch, view.p2m_size - first)
-            types, payloads = stream_pages(view, first, count)
-            head = page_data_head(first, types)
+            codes, payloads = stream_codes(view, first, count)
+            head = page_data_head_codes(consecutive(first, count), codes)
             length = sum(len(buffer) for buffer in payloads)
             if self.payload_fd is None:
                 self.writer.write(head, *payloads)
@@ -288,9 +293,13 @@ def page_data_head_of(pfns, types: list[int]) -> bytes:
     Equal to `V2Writer`'s encoding (a test holds them together); built by the batch kernel, because a
     per-entry Python check costs a fifth of a save.
     """
-    count = len(types)
+    return page_data_head_codes(pfns, array("I", [t << abi.PFINFO_LTAB_SHIFT for t in types]))
+
+
+def page_data_head_codes(pfns, codes) -> bytes:
+    """`page_data_head_of` from the PFINFO codes (type nibble << 28) the page-type query answered."""
+    count = len(codes)
     words = array("Q", bytes(8 * count))
-    codes = array("I", [t << abi.PFINFO_LTAB_SHIFT for t in types])
     pages = kernels.pack_page_words(array("Q", pfns), codes, words)
     return _PAGE_DATA_HEAD.pack(C.REC_PAGE_DATA, 8 + 8 * count + pages * abi.PAGE_SIZE, count, 0) + words.tobytes()
 

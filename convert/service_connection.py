@@ -58,6 +58,18 @@ class SourceError(Exception):
         self.reason = reason
 
 
+def _closing_of_broken_checkpoint(conversion) -> list:
+    """The source failed: the records a Remus receiver still needs to keep its last complete checkpoint
+    (those held until the next checkpoint began), or nothing. Never END."""
+    try:
+        conversion.finish()
+    except BrokenOffCheckpoint as exc:
+        return exc.output
+    except STREAM_ERRORS:
+        pass
+    return []
+
+
 class Aborted(Exception):
     """The service is shutting down and the grace period is over."""
 
@@ -205,17 +217,21 @@ class Connection:
         self._write(conversion, conversion.feed(memoryview(head)))
         del head
 
-        while got:
-            self._check_aborted()
-            direct = conversion.direct_payload
-            if direct and self._sink is not None and self._sink.SPLICES:
-                got = self._splice(source, conversion, direct)
-                continue
-            got = source.read_into(buffer)
-            if not got:
-                break
-            self._count_in(got)
-            self._write(conversion, conversion.feed(buffer[:got]))
+        try:
+            while got:
+                self._check_aborted()
+                direct = conversion.direct_payload
+                if direct and self._sink is not None and self._sink.SPLICES:
+                    got = self._splice(source, conversion, direct)
+                    continue
+                got = source.read_into(buffer)
+                if not got:
+                    break
+                self._count_in(got)
+                self._write(conversion, conversion.feed(buffer[:got]))
+        except SourceError:
+            self._write(conversion, _closing_of_broken_checkpoint(conversion))
+            raise
         try:
             rest = conversion.finish()
         except BrokenOffCheckpoint as exc:  # the receiver keeps the last complete checkpoint: it gets it all

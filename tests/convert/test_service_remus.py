@@ -140,13 +140,18 @@ def test_source_breaking_off_inside_a_checkpoint_gives_no_end(rig, how):
         assert "inside checkpoint 3" in result["error"]
 
 
-def test_broken_off_right_after_checkpoint_1_still_closes_it(rig):
+@pytest.mark.parametrize("how", ["end of input", "reset"])
+def test_broken_off_right_after_checkpoint_1_still_closes_it(rig, how):
     """Checkpoint 2 has begun but not one of its elements is complete: checkpoint 1 is still closed."""
     service, sinks, _ = rig
     first = _checkpoint_ends(REMUS)[0]
-    send_stream(service.addresses["remus"], REMUS[: first + 6])
+    if how == "reset":
+        _send_and_reset(service.addresses["remus"], REMUS[: first + 6])
+    else:
+        send_stream(service.addresses["remus"], REMUS[: first + 6])
     received = sinks["remus"].next_stream()
-    assert service.stream_result(_last_conn(service))["result"] == "bad_stream"
+    result = service.stream_result(_last_conn(service))["result"]
+    assert result == ("bad_stream" if how == "end of input" else "source_reset")
     state = restored_state(received)
     assert state["libxl_records"].count(C.LIBXL_REC_CHECKPOINT_END) == 1
     assert not has_end_record(received)

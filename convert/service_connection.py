@@ -7,7 +7,9 @@ stops the sender. Memory per stream is one read buffer plus what the conversion 
 Failure semantics: any failure ends the stream with `sink.abort()`, so the destination never receives
 the final END of a stream that did not arrive complete and valid; the source is always closed. A
 failure is confined to its own connection and logged once, with the stream offset when it is a bad
-stream.
+stream. A v1 Remus stream whose source breaks off (end of input, reset, timeout) inside a checkpoint
+first gets the records that close its last complete checkpoint, if they were still held, so that the
+receiver can fail over to it.
 """
 
 from __future__ import annotations

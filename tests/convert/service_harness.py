@@ -5,6 +5,7 @@ Everything here is bounded in time: every wait has a deadline and fails the test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -190,6 +191,10 @@ class ServiceProcess:
                 raise AssertionError(f"no matching log entry within {timeout}s:\n{self.log_text()[-4000:]}")
             time.sleep(0.05)
 
+    def last_conn(self) -> int:
+        """The number of the connection accepted last (0 before any)."""
+        return max((e["conn"] for e in self.logs() if e.get("event") == "accepted"), default=0)
+
     def stream_result(self, conn: int, timeout: float = 20.0) -> dict:
         return self.wait_log(lambda e: e.get("conn") == conn and e.get("event") in ("stream done", "stream failed"),
                              timeout)
@@ -236,3 +241,17 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+@contextlib.contextmanager
+def running_service(workdir: str, config_text: str, sinks):
+    """The service started on `config_text`; afterwards it must stop cleanly on SIGTERM, and the
+    destination servers `sinks` are closed."""
+    service = ServiceProcess(workdir, config_text).start()
+    try:
+        yield service
+        assert service.stop() == 0
+    finally:
+        service.kill()
+        for sink in sinks:
+            sink.close()

@@ -18,6 +18,7 @@ from tests.convert.service_harness import (
     closed_port,
     connect,
     metric_value,
+    running_service,
     send_stream,
 )
 from xenstream.convert.pipeline import convert_fds
@@ -94,18 +95,9 @@ def rig(tmp_path_factory):
         "unix": SinkServer(unix_path=os.path.join(workdir, "dest.sock")),
         "stall": SinkServer(stall=True),
     }
-    service = ServiceProcess(workdir, _config(workdir, sinks["tcp"], sinks["unix"], sinks["stall"])).start()
-    yield service, sinks, workdir
-    try:
-        assert service.stop() == 0
-    finally:
-        service.kill()
-        for sink in sinks.values():
-            sink.close()
-
-
-def _last_conn(service: ServiceProcess) -> int:
-    return max((e["conn"] for e in service.logs() if e.get("event") == "accepted"), default=0)
+    config = _config(workdir, sinks["tcp"], sinks["unix"], sinks["stall"])
+    with running_service(workdir, config, sinks.values()) as service:
+        yield service, sinks, workdir
 
 
 def _assert_healthy(service: ServiceProcess, sinks) -> None:
@@ -113,7 +105,7 @@ def _assert_healthy(service: ServiceProcess, sinks) -> None:
     data = v2_stream(guest="pv", pages=64, wrap="libxc", seed=99)
     send_stream(service.addresses["tcp"], data)
     assert sinks["tcp"].next_stream() == data
-    assert service.stream_result(_last_conn(service))["result"] == "ok"
+    assert service.stream_result(service.last_conn())["result"] == "ok"
 
 
 def _assert_truncated_prefix(received: bytes, complete: bytes) -> None:
@@ -134,7 +126,7 @@ def test_v1_stream_equals_the_offline_conversion(rig, listener, fmt, options):
     data = build_stream(options)
     send_stream(service.addresses[listener], data)
     assert sinks[listener].next_stream() == offline_conversion(data, fmt)
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "ok"
     assert result["variant"] == f"v1-{options.guest}-{options.width}"
     assert result["bytes_in"] == len(data)
@@ -145,7 +137,7 @@ def test_v1_stream_to_a_directory(rig):
     service, _, _ = rig
     data = build_stream(BuildOptions(guest="pv", pages=200, seed=4))
     send_stream(service.addresses["dir"], data)
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["destination"].endswith(".libxc")
     with open(result["destination"], "rb") as handle:
         assert handle.read() == offline_conversion(data, "libxc")
@@ -156,7 +148,7 @@ def test_v1_stream_restored_into_the_simulated_host(rig, width):
     service, _, _ = rig
     data = build_stream(BuildOptions(guest="pv", width=width, pages=400, seed=5))
     send_stream(service.addresses["restore"], data)
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "ok"
     assert result["destination"].startswith("simulated domain ")
     assert f"pv{width}, p2m_size " in result["destination"]
@@ -166,7 +158,7 @@ def test_v1_stream_restored_into_the_simulated_host(rig, width):
 def test_restore_refusing_a_stream_fails_it(rig):
     service, sinks, _ = rig
     send_stream(service.addresses["restore"], build_stream(BuildOptions(guest="hvm", pages=100, seed=6)))
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "bad_stream"
     assert "HVM" in result["error"]
     _assert_healthy(service, sinks)
@@ -181,7 +173,7 @@ def test_v2_stream_passes_through_unchanged(rig, wrap, guest):
     data = v2_stream(guest=guest, pages=300, wrap=wrap, seed=3)
     send_stream(service.addresses["tcp"], data)
     assert sinks["tcp"].next_stream() == data
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "ok"
     assert result["variant"] == f"v2-{wrap}"
     assert result["bytes_in"] == result["bytes_out"] == len(data)
@@ -193,7 +185,7 @@ def test_unix_listener_to_unix_destination(rig):
     data = v2_stream(guest="hvm", pages=128, wrap="libxl", seed=4)
     send_stream(service.addresses["unix"], data)
     assert sinks["unix"].next_stream() == data
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["peer"] == f"unix:pid={os.getpid()},uid={os.getuid()},gid={os.getgid()}"
 
 
@@ -201,7 +193,7 @@ def test_directory_destination_writes_one_complete_file(rig):
     service, _, workdir = rig
     data = v2_stream(guest="pv", pages=200, wrap="libxl", seed=5)
     send_stream(service.addresses["dir"], data)
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "ok"
     path = result["destination"]
     assert os.path.dirname(path) == os.path.join(workdir, "out")
@@ -215,7 +207,7 @@ def test_directory_destination_keeps_no_file_of_a_bad_stream(rig):
     data = v2_stream(guest="pv", pages=200, wrap="libxl", seed=6)
     before = set(os.listdir(os.path.join(workdir, "out")))
     send_stream(service.addresses["dir"], data[: len(data) // 2])
-    assert service.stream_result(_last_conn(service))["result"] == "bad_stream"
+    assert service.stream_result(service.last_conn())["result"] == "bad_stream"
     assert set(os.listdir(os.path.join(workdir, "out"))) == before
 
 
@@ -249,7 +241,7 @@ def test_source_killed_mid_stream(rig, version):
         sender.kill()
         sender.wait(10)
     _assert_truncated_prefix(sinks["tcp"].next_stream(), expected)
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "bad_stream"
     assert isinstance(result["offset"], int) and result["offset"] <= len(data) // 2
     assert result["bytes_in"] == len(data) // 2
@@ -261,7 +253,7 @@ def test_garbage_input_is_refused_without_touching_the_destination(rig):
     garbage = bytes((i * 37 + 11) & 0xFF for i in range(100_000))
     reply = send_stream(service.addresses["tcp"], garbage)
     assert reply == b""
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "bad_stream"
     assert isinstance(result["offset"], int)
     assert result["bytes_out"] == 0
@@ -275,7 +267,7 @@ def test_destination_refusing_closes_the_source(rig):
     started = time.monotonic()
     send_stream(service.addresses["refused"], data)  # returns once the service closed the connection
     assert time.monotonic() - started < 10
-    assert service.stream_result(_last_conn(service))["result"] == "destination_refused"
+    assert service.stream_result(service.last_conn())["result"] == "destination_refused"
     _assert_healthy(service, sinks)
 
 
@@ -285,7 +277,7 @@ def test_destination_stalling_closes_the_source(rig):
     started = time.monotonic()
     send_stream(service.addresses["stall"], data)
     assert time.monotonic() - started < 15
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "destination_stalled"
     assert 0 < result["bytes_out"] < len(data)
     _assert_healthy(service, sinks)
@@ -315,7 +307,7 @@ def test_slow_loris_source_is_dropped(rig):
             if closed:
                 break
         assert closed
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "source_slow"
     _assert_truncated_prefix(sinks["tcp"].next_stream(), data)
     _assert_healthy(service, sinks)
@@ -323,7 +315,7 @@ def test_slow_loris_source_is_dropped(rig):
 
 def test_connection_closed_without_data_is_no_failure(rig):
     service, sinks, _ = rig
-    before = _last_conn(service)
+    before = service.last_conn()
     connect(service.addresses["tcp"]).close()
     conn = service.wait_log(lambda e: e.get("event") == "accepted" and e["conn"] > before)["conn"]
     entry = service.wait_log(lambda e: e.get("conn") == conn and e.get("event") == "closed without data")
@@ -338,7 +330,7 @@ def test_silent_source_times_out_before_its_header(rig):
         sock.settimeout(10)
         assert sock.recv(1) == b""  # the service hangs up on us
         assert time.monotonic() - started < 5
-    assert service.stream_result(_last_conn(service))["result"] == "source_timeout"
+    assert service.stream_result(service.last_conn())["result"] == "source_timeout"
     _assert_healthy(service, sinks)
 
 
@@ -348,7 +340,7 @@ def test_silent_source_times_out_before_its_header(rig):
 def test_concurrent_migrations_are_all_correct(rig):
     """16 good migrations at once, with two bad ones among them that must disturb none of the others."""
     service, sinks, _ = rig
-    before = _last_conn(service)
+    before = service.last_conn()
     v1 = [build_stream(BuildOptions(guest=("pv", "hvm")[i % 2], pages=256 + i, seed=100 + i)) for i in range(8)]
     v2 = [v2_stream(guest=("pv", "hvm")[i % 2], pages=256 + i, wrap=("libxc", "libxl")[i // 2 % 2], seed=200 + i)
           for i in range(8)]
@@ -386,7 +378,7 @@ def test_metrics_count_streams_bytes_and_failures(rig):
     send_stream(service.addresses["tcp"], data)
     sinks["tcp"].next_stream()
     send_stream(service.addresses["tcp"], b"\0" * 64)
-    service.stream_result(_last_conn(service))
+    service.stream_result(service.last_conn())
     after = service.metrics()
     assert metric_value(after, "xenstream_connections_total", listener="tcp") == \
         metric_value(before, "xenstream_connections_total", listener="tcp") + 2

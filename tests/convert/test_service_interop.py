@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.convert.service_harness import ServiceProcess, SinkServer, send_stream
+from tests.convert.service_harness import SinkServer, running_service, send_stream
 from xenstream.legacy.build import BuildOptions, build_stream
 
 pytestmark = pytest.mark.interop
@@ -26,14 +26,8 @@ def relay(tmp_path_factory):
     listeners = "".join(
         f'[[listener]]\nname = "{fmt}"\nlisten = "127.0.0.1:0"\ndestination = "{sink.address}"\nformat = "{fmt}"\n\n'
         for fmt, sink in sinks.items())
-    service = ServiceProcess(workdir, listeners).start()
-    yield service, sinks
-    try:
-        assert service.stop() == 0
-    finally:
-        service.kill()
-        for sink in sinks.values():
-            sink.close()
+    with running_service(workdir, listeners, sinks.values()) as service:
+        yield service, sinks
 
 
 def _xen(xen_tools, tool: str, *args: str) -> subprocess.CompletedProcess:

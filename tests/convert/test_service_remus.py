@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.convert.service_harness import ServiceProcess, SinkServer, connect, send_stream
+from tests.convert.service_harness import SinkServer, connect, running_service, send_stream
 from tests.convert.v2state import has_end_record, restored_state
 from xenstream.legacy import events as ev
 from xenstream.legacy.build import BuildOptions, build_stream
@@ -60,18 +60,8 @@ destination = "restore:sim"
 def rig(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("serve-remus"))
     sinks = {"remus": SinkServer(), "refuse": SinkServer()}
-    service = ServiceProcess(workdir, _config(sinks["remus"], sinks["refuse"])).start()
-    yield service, sinks, workdir
-    try:
-        assert service.stop() == 0
-    finally:
-        service.kill()
-        for sink in sinks.values():
-            sink.close()
-
-
-def _last_conn(service: ServiceProcess) -> int:
-    return max((e["conn"] for e in service.logs() if e.get("event") == "accepted"), default=0)
+    with running_service(workdir, _config(sinks["remus"], sinks["refuse"]), sinks.values()) as service:
+        yield service, sinks, workdir
 
 
 def _offline_checkpoints(data: bytes, workdir: str) -> bytes:
@@ -108,7 +98,7 @@ def test_remus_stream_is_forwarded_as_the_checkpointed_conversion(rig, name):
             data = handle.read()
     send_stream(service.addresses["remus"], data)
     received = sinks["remus"].next_stream()
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "ok", result
     assert received == _offline_checkpoints(data, workdir)
     state = restored_state(received)
@@ -126,7 +116,7 @@ def test_source_breaking_off_inside_a_checkpoint_gives_no_end(rig, how):
     else:
         send_stream(service.addresses["remus"], REMUS[:cut])
     received = sinks["remus"].next_stream()
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == ("bad_stream" if how == "end of input" else "source_reset"), result
     assert not has_end_record(received)
     # The two complete checkpoints arrived whole, as the offline conversion writes them.
@@ -150,14 +140,14 @@ def test_broken_off_right_after_checkpoint_1_still_closes_it(rig, how):
     else:
         send_stream(service.addresses["remus"], REMUS[: first + 6])
     received = sinks["remus"].next_stream()
-    result = service.stream_result(_last_conn(service))["result"]
+    result = service.stream_result(service.last_conn())["result"]
     assert result == ("bad_stream" if how == "end of input" else "source_reset")
     state = restored_state(received)
     assert state["libxl_records"].count(C.LIBXL_REC_CHECKPOINT_END) == 1
     assert not has_end_record(received)
 
 
-def _restored(service: ServiceProcess, conn: int) -> dict:
+def _restored(service, conn: int) -> dict:
     return service.wait_log(lambda e: e.get("conn") == conn and e.get("event") == "restored from the last "
                             "complete checkpoint")
 
@@ -168,7 +158,7 @@ def test_restore_fails_over_to_the_last_complete_checkpoint(rig, how):
     ends = _checkpoint_ends(REMUS)
     # Reference: the stream stopping cleanly after checkpoint 2 (a complete stream, ending with END).
     send_stream(service.addresses["restore"], REMUS[: ends[1]])
-    reference = service.stream_result(_last_conn(service))
+    reference = service.stream_result(service.last_conn())
     assert reference["result"] == "ok", reference
     assert reference["destination"].endswith(", 2 checkpoints")
     cut = (ends[1] + ends[2]) // 2
@@ -176,7 +166,7 @@ def test_restore_fails_over_to_the_last_complete_checkpoint(rig, how):
         _send_and_reset(service.addresses["restore"], REMUS[:cut])
     else:
         send_stream(service.addresses["restore"], REMUS[:cut])
-    conn = _last_conn(service)
+    conn = service.last_conn()
     failover = _restored(service, conn)
     assert failover["checkpoints"] == 2
     assert failover["restored"].split(":", 1)[1] == reference["destination"].split(":", 1)[1]
@@ -186,7 +176,7 @@ def test_restore_fails_over_to_the_last_complete_checkpoint(rig, how):
 def test_restore_of_a_stream_broken_inside_checkpoint_1_fails(rig):
     service, _, _ = rig
     send_stream(service.addresses["restore"], REMUS[: _checkpoint_ends(REMUS)[0] // 2])
-    conn = _last_conn(service)
+    conn = service.last_conn()
     assert service.stream_result(conn)["result"] == "bad_stream"
     assert not [e for e in service.logs() if e.get("conn") == conn and e.get("event", "").startswith("restored")]
 
@@ -194,12 +184,12 @@ def test_restore_of_a_stream_broken_inside_checkpoint_1_fails(rig):
 def test_refusing_listener_refuses_with_a_logged_reason(rig):
     service, sinks, _ = rig
     send_stream(service.addresses["refuse"], REMUS)
-    result = service.stream_result(_last_conn(service))
+    result = service.stream_result(service.last_conn())
     assert result["result"] == "bad_stream"
     assert 'remus = "refuse"' in result["error"]
     assert not has_end_record(sinks["refuse"].next_stream())
     # A stream with a single checkpoint is not Remus: it goes through.
     plain = build_stream(BuildOptions(guest="pv", pages=50, seed=22))
     send_stream(service.addresses["refuse"], plain)
-    assert service.stream_result(_last_conn(service))["result"] == "ok"
+    assert service.stream_result(service.last_conn())["result"] == "ok"
     assert has_end_record(sinks["refuse"].next_stream())

@@ -42,6 +42,7 @@ void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, 
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out);
 int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
                              unsigned entry_size);
+int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *marks, size_t marks_len);
 """
 
 SOURCE = r"""
@@ -387,6 +388,16 @@ int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t
         data += has_data(types[i]);
     }
     return data;
+}
+
+int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *marks, size_t marks_len)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (pfns[i] < low || pfns[i] - low >= marks_len)
+            return -1 - (int64_t)i;
+        marks[pfns[i] - low] = 1;
+    }
+    return (int64_t)n;
 }
 """
 

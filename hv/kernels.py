@@ -10,6 +10,7 @@
     classify_page_types(codes, data_index, levels) -> data-bearing count (positions + table levels)
     legacy_to_page_words(legacy, out) -> data-bearing count
     pack_legacy_words(pfns, types, out) -> data-bearing count
+    mark_pfns(pfns, low, marks) -> pfn count (marks[pfn - low] = 1)
 
 Set XENSTREAM_KERNELS=python to force the twins (tests use both).
 """
@@ -35,6 +36,7 @@ PYTHON_KERNELS = {
     "page_type_codes": hotpaths.python_page_type_codes,
     "legacy_to_page_words": pagetables.python_legacy_to_page_words,
     "pack_legacy_words": pagetables.python_pack_legacy_words,
+    "mark_pfns": pagetables.python_mark_pfns,
 }
 
 
@@ -183,6 +185,16 @@ def load_compiled_kernels() -> dict | None:
                      types[-1 - result:-result], [0])
         return result
 
+    def mark_pfns(pfns, low: int, marks) -> int:
+        pfns = as_u64(pfns)
+        if not pfns:
+            return 0
+        result = lib.xs_mark_pfns(ffi.from_buffer("uint64_t[]", pfns), len(pfns), low,
+                                  ffi.from_buffer("uint8_t[]", marks, require_writable=True), len(marks))
+        if result < 0:
+            _reraise(-1 - result, pagetables.python_mark_pfns, pfns[-1 - result:-result], low, bytearray(len(marks)))
+        return result
+
     return {
         "normalise_pages": normalise_pages,
         "localise_pages": localise_pages,
@@ -195,6 +207,7 @@ def load_compiled_kernels() -> dict | None:
         "page_type_codes": page_type_codes,
         "legacy_to_page_words": legacy_to_page_words,
         "pack_legacy_words": pack_legacy_words,
+        "mark_pfns": mark_pfns,
     }
 
 
@@ -230,6 +243,7 @@ slot_runs = _SELECTED["slot_runs"]
 page_type_codes = _SELECTED["page_type_codes"]
 legacy_to_page_words = _SELECTED["legacy_to_page_words"]
 pack_legacy_words = _SELECTED["pack_legacy_words"]
+mark_pfns = _SELECTED["mark_pfns"]
 
 __all__ = ["BACKEND", "PYTHON_KERNELS", "load_compiled_kernels", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
-           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "frame_slots", "slot_runs", "page_type_codes", "legacy_to_page_words", "pack_legacy_words"]
+           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "frame_slots", "slot_runs", "page_type_codes", "legacy_to_page_words", "pack_legacy_words", "mark_pfns"]

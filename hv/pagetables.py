@@ -225,6 +225,18 @@ def python_pack_page_words(pfns: Sequence[int], types: Sequence[int], out) -> in
     return data
 
 
+def python_mark_pfns(pfns: Sequence[int], low: int, marks) -> int:
+    """marks[pfn - low] = 1 for each pfn (duplicates allowed); returns how many pfns. A pfn outside
+    low..low+len(marks)-1 raises TranslationError naming it (marks before it are already set)."""
+    size = len(marks)
+    for i, pfn in enumerate(pfns):
+        offset = pfn - low
+        if not 0 <= offset < size:
+            raise TranslationError(0, f"entry {i}: pfn {pfn:#x} outside the {size} pfns from {low:#x}", i)
+        marks[offset] = 1
+    return len(pfns)
+
+
 def python_classify_page_types(codes: Sequence[int], data_index, levels) -> int:
     """Which entries of a page-type query carry data, and at which table level.
 

@@ -577,8 +577,7 @@ class PvRestorer:
             found = missing[:count]
             low = min(found)
             marks = bytearray(max(found) - low + 1)
-            for pfn in found:
-                marks[pfn - low] = 1
+            kernels.mark_pfns(found, low, marks)
             self._populate_marked(low, marks)
         for i, (slot, _, _) in enumerate(tables):
             buffer[slot << 12:(slot + 1) << 12] = pages[i << 12:(i + 1) << 12]

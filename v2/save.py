@@ -13,6 +13,7 @@ no END is written then, and log-dirty is switched off whatever happens (spec 3.8
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import struct
@@ -169,11 +170,12 @@ def stream_codes(view: PvGuestView, first_pfn: int, count: int):
 
 
 def _table_pages(run, table_slots: list[int]):
-    """(slot, page view) of the pagetable slots inside one mapped run."""
-    for slot in table_slots:
-        if run.first <= slot < run.first + run.count:
-            offset = slot - run.first
-            yield slot, run.view[offset << 12:(offset + 1) << 12]
+    """(slot, page view) of the pagetable slots (ascending) inside one mapped run."""
+    low = bisect.bisect_left(table_slots, run.first)
+    high = bisect.bisect_left(table_slots, run.first + run.count, low)
+    for slot in table_slots[low:high]:
+        offset = slot - run.first
+        yield slot, run.view[offset << 12:(offset + 1) << 12]
 
 
 def pages_of(payloads):

@@ -332,6 +332,29 @@ def test_frame_lookup_and_type_query_kernels_match_twins(seed, writable):
 
 @needs_cffi
 @SETTINGS
+@given(pfns=st.lists(st.integers(0, 300) | st.integers(0, (1 << 64) - 1), max_size=200), low=st.integers(0, 100),
+       size=st.integers(0, 300))
+def test_mark_pfns_kernel_matches_twin(pfns, low, size):
+    results = []
+    for impl in (PY, CFFI):
+        marks = bytearray(size)
+        try:
+            outcome = impl["mark_pfns"](array("Q", pfns), low, marks)
+        except TranslationError as exc:
+            outcome = ("error", exc.index, str(exc))
+        results.append((outcome, bytes(marks)))
+    assert results[0] == results[1]
+    outcome, marks = results[0]
+    inside = [p for p in pfns if low <= p < low + size]
+    if outcome == len(pfns):
+        assert marks == bytes(int(i + low in set(pfns)) for i in range(size))
+    else:
+        assert outcome[1] == next(i for i, p in enumerate(pfns) if not low <= p < low + size)
+        assert len(inside) < len(pfns)
+
+
+@needs_cffi
+@SETTINGS
 @given(st.lists(st.integers(-1, 40) | st.integers(-1, 1 << 40), max_size=80))
 def test_slot_runs_kernel_matches_twin(slots):
     slots = array("q", sorted(slots) if len(slots) % 2 else slots)

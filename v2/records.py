@@ -163,6 +163,7 @@ _LOW_NIBBLE = bytes(b & 0xF for b in range(256))
 _HIGH_NIBBLE_FLAG = bytes(int(b >> 4 != 0) for b in range(256))
 _LOW_NIBBLE_FLAG = bytes(int(b & 0xF != 0) for b in range(256))
 _INVALID_TYPE_FLAG = bytes(int(b in C.INVALID_PAGE_TYPES) for b in range(256))
+_DATALESS_FLAG = bytes(int(b < 16 and not pagetype_has_data(b)) for b in range(256))
 
 
 def join_pfn_words(pfns, types) -> list[int]:
@@ -172,6 +173,8 @@ def join_pfn_words(pfns, types) -> list[int]:
 
 def data_page_count(types) -> int:
     """How many entries carry a 4096-byte payload (types must already be valid)."""
+    if isinstance(types, bytes):  # PageData's own form: one C-level pass
+        return len(types) - types.translate(_DATALESS_FLAG).count(_FLAG)
     present = set(types)
     return len(types) - sum(types.count(t) for t in present if not pagetype_has_data(t))
 

@@ -5,7 +5,8 @@ stream to a file in --dir (pages go out raw: nothing is normalised on this path)
 restores that file from its fd (payloads straight into guest frames) into a fresh simulated host whose
 RAM is made resident first. Each child times only the engine and reports its extra peak RSS (the
 high-water mark reset just before the engine starts, minus the resident size then). Baselines, in the
-same round: save vs ``cat FILE > COPY``, restore vs ``cat FILE > /dev/null``.
+same round: save vs ``cat FILE > COPY`` (both write a new file: the image is removed before each save),
+restore vs ``cat FILE > /dev/null`` (the stream warm in the page cache for both).
 
 A ratio is baseline time / engine time. Targets: both ratios >= 0.6 and extra RSS < 64 MiB.
 """
@@ -31,7 +32,7 @@ TARGET_EXTRA_RSS = 64 << 20
 def run(args) -> int:
     return run_save_restore(__name__, args, "hvm", image_name="hvm.v2", scratch_prefix="xenstream-bench-hvm-",
                             label="hvm ", target_ratio=TARGET_RATIO, target_extra_rss=TARGET_EXTRA_RSS,
-                            fresh_image=False)
+                            fresh_image=True)
 
 
 # ------------------------------------------------------------------ children

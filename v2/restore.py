@@ -63,6 +63,7 @@ P2M_HOLE_ALLOWANCE = 1 << 18
 _GRANT_ENTRY = struct.Struct("<HHI")
 _VALID_PV_INFO = {(abi.WIDTH_32, 3), (abi.WIDTH_64, 4)}
 _INVALID_EXTENT = array("Q", [INVALID]) * abi.SUPERPAGE_FRAMES
+_DENSE_MISSING = 16  # forward references naming at least 1/16 of all pfns are marked in an all-pfn window
 
 
 @attrs.frozen
@@ -575,8 +576,11 @@ class PvRestorer:
             if not count:
                 break
             found = missing[:count]
-            low = min(found)
-            marks = bytearray(max(found) - low + 1)
+            if count * _DENSE_MISSING >= self._max_pfn:  # a window over every pfn costs less than min() and max()
+                low, marks = 0, bytearray(self._max_pfn + 1)
+            else:
+                low = min(found)
+                marks = bytearray(max(found) - low + 1)
             kernels.mark_pfns(found, low, marks)
             self._populate_marked(low, marks)
         for i, (slot, _, _) in enumerate(tables):

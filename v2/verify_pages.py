@@ -1,9 +1,12 @@
-"""Whole-array checks of a PAGE_DATA record's pfns, done with C-level builtins (max, set, tuple
-comparison, tuple.count) rather than a Python loop per pfn, so a 4 GiB stream's million pfns stay cheap."""
+"""Whole-array checks of a PAGE_DATA record's pfns, done with C-level builtins (max, set, array
+comparison, count) rather than a Python loop per pfn, so a 4 GiB stream's million pfns stay cheap."""
 
 from __future__ import annotations
 
+from array import array
+
 from xenstream.hv.abi import PAGETYPE_LPINTAB
+from xenstream.hv.u64runs import is_consecutive
 
 # Beyond this many entries a record is not checked for repeated pfns (Xen's saver writes 1024 at most);
 # the check would otherwise need memory in proportion to a claimed count.
@@ -15,15 +18,17 @@ TABLE_TYPES = tuple(level | pin for level in (1, 2, 3, 4) for pin in (0, PAGETYP
 RUN_CHUNK = 4096
 
 
-def is_ascending_run(pfns: tuple[int, ...]) -> bool:
-    """pfns are first, first+1, ..., the saver's usual batch; recognising it costs one tuple comparison
-    per RUN_CHUNK entries (never a comparison tuple as long as a huge record)."""
+def is_ascending_run(pfns) -> bool:
+    """pfns are first, first+1, ..., the saver's usual batch. Compared RUN_CHUNK entries at a time as
+    u64 arrays (one memcmp each; never a comparison array as long as a huge record). Takes the
+    array('Q') that PageData carries, or any sequence of ints."""
     first = pfns[0]
     count = len(pfns)
     if pfns[-1] - first != count - 1:
         return False
-    return all(pfns[i:i + RUN_CHUNK] == tuple(range(first + i, first + min(i + RUN_CHUNK, count)))
-               for i in range(0, count, RUN_CHUNK))
+    if not (isinstance(pfns, array) and pfns.typecode == "Q"):
+        pfns = array("Q", pfns)
+    return all(is_consecutive(pfns[i:i + RUN_CHUNK], first + i) for i in range(0, count, RUN_CHUNK))
 
 
 def first_duplicate(pfns: tuple[int, ...], ascending_run: bool) -> int | None:

@@ -282,10 +282,22 @@ def test_mutated_streams_give_findings_never_exceptions(base, edits):
 
 
 def test_ascending_run_detection_across_chunks():
+    """Both as tuples and as the array('Q') a decoded PageData carries (the verifier's fast path)."""
+    from array import array
+
     from xenstream.v2.verify_pages import RUN_CHUNK, is_ascending_run
 
     run = tuple(range(7, 7 + 3 * RUN_CHUNK + 5))
-    assert is_ascending_run(run)
     swapped = run[:RUN_CHUNK * 2] + (run[RUN_CHUNK * 2 + 1], run[RUN_CHUNK * 2]) + run[RUN_CHUNK * 2 + 2:]
-    assert not is_ascending_run(swapped)
-    assert is_ascending_run((5,)) and not is_ascending_run((5, 5))
+    for make in (tuple, lambda values: array("Q", values)):
+        assert is_ascending_run(make(run))
+        assert not is_ascending_run(make(swapped))
+        assert is_ascending_run(make((5,))) and not is_ascending_run(make((5, 5)))
+
+
+def test_decoded_page_data_takes_the_ascending_run_path():
+    from xenstream.v2 import records
+    from xenstream.v2.verify_pages import is_ascending_run
+
+    head = records.PageData(pfns=range(100, 1124), types=[0] * 1024).pack()
+    assert is_ascending_run(records.PageData.unpack(memoryview(head)).pfns)

@@ -618,23 +618,37 @@ class PvRestorer:
 
         for match in _MARKED.finditer(marks):
             low, high = base + match.start(), base + match.end()
-            block = -(-low // extent) * extent
+            # (an array compare is one memcmp)
+            blocks = [block for block in range(-(-low // extent) * extent, high - extent + 1, extent)
+                      if p2m[block:block + extent] == _INVALID_EXTENT]
             done = low
-            while block + extent <= high:
-                if p2m[block:block + extent] == _INVALID_EXTENT:  # (an array compare is one memcmp)
-                    try:
-                        first_mfn = self.hv.populate_physmap(self.domid, [block], abi.SUPERPAGE_ORDER)[0]
-                    except HypervisorError:
-                        block += extent
-                        continue  # the singles below pick it up
-                    leftovers(done, block)
-                    p2m[block:block + extent] = consecutive(first_mfn, extent)
-                    self.pages_populated += extent
-                    done = block + extent
-                block += extent
+            for block, first_mfn in zip(blocks, self._populate_extents(blocks)):
+                if first_mfn is None:
+                    continue  # the singles below pick it up
+                leftovers(done, block)
+                p2m[block:block + extent] = consecutive(first_mfn, extent)
+                self.pages_populated += extent
+                done = block + extent
             leftovers(done, high)
         if singles:
             self._populate(singles)
+
+    def _populate_extents(self, blocks: list[int]) -> list:
+        """Order-9 extents for the 2 MiB aligned pfns `blocks`: their first mfns, None where the hypervisor
+        refused one. One call for them all (it allocates all or nothing), one per block if that fails."""
+        if not blocks:
+            return []
+        try:
+            return list(self.hv.populate_physmap(self.domid, blocks, abi.SUPERPAGE_ORDER))
+        except HypervisorError:
+            pass
+        firsts = []
+        for block in blocks:
+            try:
+                firsts.append(self.hv.populate_physmap(self.domid, [block], abi.SUPERPAGE_ORDER)[0])
+            except HypervisorError:
+                firsts.append(None)
+        return firsts
 
     def _populate(self, pfns: list[int]) -> None:
         """Allocate frames for the pfns not populated yet (spec 5.6): 2 MiB extents for complete aligned runs."""

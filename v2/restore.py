@@ -31,6 +31,7 @@ import itertools
 import os
 import re
 import struct
+import sys
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -63,6 +64,7 @@ P2M_HOLE_ALLOWANCE = 1 << 18
 _GRANT_ENTRY = struct.Struct("<HHI")
 _VALID_PV_INFO = {(abi.WIDTH_32, 3), (abi.WIDTH_64, 4)}
 _INVALID_EXTENT = array("Q", [INVALID]) * abi.SUPERPAGE_FRAMES
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0  # of a u64 in memory
 _DENSE_MISSING = 16  # forward references naming at least 1/16 of all pfns are marked in an all-pfn window
 
 
@@ -123,6 +125,12 @@ class _Fail(Exception):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise _Fail(message)
+
+
+def _has_invalid(p2m: array, low: int, high: int) -> bool:
+    """Whether p2m[low:high] holds INVALID, by its entries' top bytes at C speed (array.count makes an int
+    per entry): only INVALID has 0xff there, every mfn being below 2**52 (x86 physical addresses)."""
+    return b"\xff" in memoryview(p2m)[low:high].cast("B")[_TOP_BYTE::8].tobytes()
 
 
 class PvRestorer:
@@ -399,7 +407,7 @@ class PvRestorer:
             self._populate_run(first, len(pfns))
             self._types[first:first + len(pfns)] = bytes(types)
             data_pfns, data_types = pfns, types
-            mfns = self._p2m[first:first + len(pfns)].tolist()
+            mfns = self._p2m[first:first + len(pfns)]  # an array slice: the mapping takes it as it is
         else:
             self._populate([p for p, t in zip(pfns, types) if t in _NEEDS_RAM])
             for pfn, page_type in zip(pfns, types):
@@ -608,7 +616,7 @@ class PvRestorer:
         singles: list[int] = []
 
         def leftovers(low: int, high: int) -> None:
-            if low == high:
+            if low == high or not _has_invalid(p2m, low, high):
                 return
             unpopulated = p2m[low:high].count(INVALID)
             if unpopulated == high - low:

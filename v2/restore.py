@@ -565,11 +565,17 @@ class PvRestorer:
     def _localise(self, buffer: memoryview, tables: list[tuple[int, int, int]]) -> None:
         """pfn -> mfn in place for the scratch pages `tables` (slot, pfn, level) (spec 5.7), populating
         forward references first."""
-        pages = bytearray(len(tables) << 12)
-        for i, (slot, _, _) in enumerate(tables):
-            pages[i << 12:(i + 1) << 12] = buffer[slot << 12:(slot + 1) << 12]
+        # Slots ascend, so the last being len - 1 means the tables fill the scratch from slot 0 (all of it
+        # outside verify mode): localised in place. A failed batch is never stored, partly localised or not.
+        in_place = tables[-1][0] == len(tables) - 1
+        if in_place:
+            pages = buffer[:len(tables) << 12]
+        else:
+            pages = bytearray(len(tables) << 12)
+            for i, (slot, _, _) in enumerate(tables):
+                pages[i << 12:(i + 1) << 12] = buffer[slot << 12:(slot + 1) << 12]
         levels = [level for _, _, level in tables]
-        missing = array("Q", bytes(8 * abi.PTES_PER_PAGE * len(tables)))
+        missing = array("Q", [0]) * (abi.PTES_PER_PAGE * len(tables))
         while True:
             failure = None
             try:
@@ -591,8 +597,9 @@ class PvRestorer:
                 marks = bytearray(max(found) - low + 1)
             kernels.mark_pfns(found, low, marks)
             self._populate_marked(low, marks)
-        for i, (slot, _, _) in enumerate(tables):
-            buffer[slot << 12:(slot + 1) << 12] = pages[i << 12:(i + 1) << 12]
+        if not in_place:
+            for i, (slot, _, _) in enumerate(tables):
+                buffer[slot << 12:(slot + 1) << 12] = pages[i << 12:(i + 1) << 12]
 
     def _translation(self) -> TranslationTables:
         if self._tables is None:

@@ -59,6 +59,8 @@ _NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(
 _PINNED_TYPE = re.compile(rb"[\x09-\x0c]")
 _MARKED = re.compile(rb"\x01+")
 _TABLE_TYPES = frozenset(t for t in range(16) if abi.pagetable_level(t))
+_TABLE_TYPE = re.compile(b"[" + b"".join(re.escape(bytes([t])) for t in sorted(_TABLE_TYPES)) + b"]")
+_DATALESS_TYPE = re.compile(b"[" + b"".join(re.escape(bytes([t])) for t in sorted(abi.PAGETYPES_WITHOUT_DATA)) + b"]")
 # Holes a P2M may have above the domain's memory limit: bounds the tables X86_PV_P2M_FRAMES sizes.
 P2M_HOLE_ALLOWANCE = 1 << 18
 _GRANT_ENTRY = struct.Struct("<HHI")
@@ -89,12 +91,12 @@ class _Pending:
     """The data pages of a PAGE_DATA record awaiting their payload, and the guest frames they go to."""
 
     pfns: tuple | list
-    types: tuple | list
+    types: bytes
     runs: list  # MappedRun over indices into pfns
     starts: list[int]  # each run's first index, for bisect
 
 
-_NO_PENDING = _Pending((), (), [], [])
+_NO_PENDING = _Pending((), b"", [], [])
 
 
 @attrs.define
@@ -397,15 +399,15 @@ class PvRestorer:
         self._infer_static_data_end()
         _require(self._static_data_end, "received before STATIC_DATA_END")
         _require(self._max_pfn >= 0, "received before X86_PV_P2M_FRAMES")
-        pfns, types = body.pfns, body.types
+        pfns, types = body.pfns, bytes(body.types)  # (no copy of the reader's bytes)
         first = pfns[0]
         contiguous = is_consecutive(pfns if isinstance(pfns, array) and pfns.typecode == "Q" else array("Q", pfns), first)
         top = pfns[-1] if contiguous else max(pfns)
         _require(top <= self._max_pfn, f"pfn {top:#x} out of range (max_pfn {self._max_pfn:#x})")
-        plain = abi.PAGETYPES_WITHOUT_DATA.isdisjoint(types)
+        plain = not _DATALESS_TYPE.search(types)
         if contiguous and plain:  # the common case: one ascending run of pages that all carry data
             self._populate_run(first, len(pfns))
-            self._types[first:first + len(pfns)] = bytes(types)
+            self._types[first:first + len(pfns)] = types
             data_pfns, data_types = pfns, types
             mfns = self._p2m[first:first + len(pfns)]  # an array slice: the mapping takes it as it is
         else:
@@ -413,7 +415,7 @@ class PvRestorer:
             for pfn, page_type in zip(pfns, types):
                 self._types[pfn] = page_type
             data = [(p, t) for p, t in zip(pfns, types) if abi.pagetype_has_data(t)]
-            data_pfns, data_types = [p for p, _ in data], [t for _, t in data]
+            data_pfns, data_types = [p for p, _ in data], bytes(t for _, t in data)
             mfns = [self._p2m[p] for p in data_pfns]
         self._pending = _NO_PENDING
         self._pending_next = 0
@@ -507,10 +509,10 @@ class PvRestorer:
         types = pending.types
         if self._verify:
             chosen = list(range(first, end))
-        elif _TABLE_TYPES.isdisjoint(types[first:end]):
+        elif not _TABLE_TYPE.search(types, first, end):
             chosen = []
         else:
-            chosen = [k for k in range(first, end) if types[k] in _TABLE_TYPES]
+            chosen = [match.start() for match in _TABLE_TYPE.finditer(types, first, end)]
         buffer = memoryview(bytearray(len(chosen) << 12))
         self._scratch = buffer
         scratch_slot = {k: n for n, k in enumerate(chosen)}

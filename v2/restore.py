@@ -611,7 +611,8 @@ class PvRestorer:
 
     def _populate_run(self, first: int, count: int) -> None:
         """_populate for the ascending run first..first+count-1."""
-        self._populate_marked(first, b"\1" * count)
+        if _has_invalid(self._p2m, first, first + count):  # (forward references often populated it already)
+            self._populate_marked(first, b"\1" * count)
 
     def _populate_marked(self, base: int, marks) -> None:
         """_populate for the ascending pfns base + i where marks[i] is 1, by runs found at C speed.

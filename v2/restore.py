@@ -937,14 +937,21 @@ def restore_new_domain(hv: ToolstackHypervisor, source: Iterable[bytes] | int, *
     `source` is an iterable of stream chunks, or a readable fd (payloads then move fd -> guest with readv;
     `initial` holds bytes already read from it).
     """
-    domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages)
+    return restore_into_new_domain(hv, PvRestorer, source, hvm=False, max_vcpus=max_vcpus, max_pages=max_pages,
+                                   initial=initial, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
+
+
+def restore_into_new_domain(hv: ToolstackHypervisor, restorer_class, source: Iterable[bytes] | int, *, hvm: bool,
+                            max_vcpus: int, max_pages: int, initial: bytes, store_evtchn: int, console_evtchn: int):
+    """The create / restore / destroy-on-any-failure frame shared by the PV and HVM restorers."""
+    domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages, **({"hvm": True} if hvm else {}))
     restorer = None
     try:
         if isinstance(source, int):
-            restorer = PvRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
-                                  payload="passthrough")
+            restorer = restorer_class(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
+                                      payload="passthrough")
             return restorer.run_fd(source, initial)
-        restorer = PvRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
+        restorer = restorer_class(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
         for chunk in itertools.chain((initial,) if initial else (), source):
             restorer.feed(chunk)
         return restorer.finish()

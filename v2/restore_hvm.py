@@ -20,7 +20,6 @@ destroys it again if anything fails.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -36,7 +35,7 @@ from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStr
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
-from xenstream.v2.restore import ToolstackHypervisor
+from xenstream.v2.restore import ToolstackHypervisor, restore_into_new_domain
 
 log = structlog.get_logger()
 
@@ -506,19 +505,5 @@ def restore_hvm_new_domain(hv: ToolstackHypervisor, source: Iterable[bytes] | in
     """Create an HVM domain on `hv`, restore a stream into it, and destroy the domain again if the restore
     fails for any reason. `source` is an iterable of chunks, or a readable fd (payloads then move fd ->
     guest with readv; `initial` holds bytes already read from it)."""
-    domid = hv.create_domain(max_vcpus=max_vcpus, max_pages=max_pages, hvm=True)
-    restorer = None
-    try:
-        if isinstance(source, int):
-            restorer = HvmRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn,
-                                   payload="passthrough")
-            return restorer.run_fd(source, initial)
-        restorer = HvmRestorer(hv, domid, store_evtchn=store_evtchn, console_evtchn=console_evtchn)
-        for chunk in itertools.chain((initial,) if initial else (), source):
-            restorer.feed(chunk)
-        return restorer.finish()
-    except BaseException:
-        if restorer is not None:
-            restorer.close()
-        hv.destroy_domain(domid)
-        raise
+    return restore_into_new_domain(hv, HvmRestorer, source, hvm=True, max_vcpus=max_vcpus, max_pages=max_pages,
+                                   initial=initial, store_evtchn=store_evtchn, console_evtchn=console_evtchn)

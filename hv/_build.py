@@ -6,7 +6,8 @@ twins; the two must stay identical (tests/hv/test_kernels.py checks that on rand
 
 from cffi import FFI
 
-CDEF = """
+# The translation tables, declared once for both cffi's cdef and the C source.
+TABLES_STRUCT = """
 typedef struct {
     const uint64_t *m2p;
     uint64_t m2p_len;
@@ -19,7 +20,9 @@ typedef struct {
     unsigned levels;
     uint64_t compat_m2p_mfn0;
 } xs_tables;
+"""
 
+CDEF = TABLES_STRUCT + """
 int64_t xs_normalise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
                            uint8_t *status);
 int64_t xs_localise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
@@ -49,19 +52,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
-    const uint64_t *m2p;
-    uint64_t m2p_len;
-    uint64_t max_mfn;
-    const void *const *leaves;
-    uint64_t p2m_size;
-    unsigned leaf_shift;
-    unsigned p2m_width;
-    uint64_t max_pfn;
-    unsigned levels;
-    uint64_t compat_m2p_mfn0;
-} xs_tables;
-
+""" + TABLES_STRUCT + r"""
 #define INVALID_MFN   UINT64_MAX
 #define FRAME_MASK    0x000FFFFFFFFFF000ULL
 #define PRESENT       1ULL

@@ -461,16 +461,7 @@ class PvRestorer:
     def _sink_copy(self, piece: memoryview) -> None:
         """Passthrough mode: payload bytes into the pending record's targets, in order."""
         sink = self._payload_sink()
-        segments, index, within = sink.segments, sink.index, sink.within
-        while piece:
-            segment = segments[index]
-            take = min(len(segment) - within, len(piece))
-            segment[within:within + take] = piece[:take]
-            piece = piece[take:]
-            within += take
-            if within == len(segment):
-                index, within = index + 1, 0
-        sink.index, sink.within = index, within
+        sink.index, sink.within = scatter_copy(piece, sink.segments, sink.index, sink.within)
 
     def _sink_complete(self) -> None:
         sink, self._sink = self._sink, None
@@ -928,6 +919,20 @@ class ToolstackHypervisor(Hypervisor, Protocol):
     def create_domain(self, max_vcpus: int = 1, max_pages: int = 0, hvm: bool = False) -> int: ...
 
     def destroy_domain(self, domid: int) -> None: ...
+
+
+def scatter_copy(piece: memoryview, segments, index: int, within: int) -> tuple[int, int]:
+    """Copy `piece` into consecutive writable `segments` from (index, within) on, one slice copy per
+    segment it touches; returns the new (index, within)."""
+    while piece:
+        segment = segments[index]
+        take = min(len(segment) - within, len(piece))
+        segment[within:within + take] = piece[:take]
+        piece = piece[take:]
+        within += take
+        if within == len(segment):
+            index, within = index + 1, 0
+    return index, within
 
 
 def restore_new_domain(hv: ToolstackHypervisor, source: Iterable[bytes] | int, *, max_vcpus: int, max_pages: int, initial: bytes = b"",

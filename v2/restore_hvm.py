@@ -35,7 +35,7 @@ from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStr
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
-from xenstream.v2.restore import ToolstackHypervisor, restore_into_new_domain
+from xenstream.v2.restore import ToolstackHypervisor, restore_into_new_domain, scatter_copy
 
 log = structlog.get_logger()
 
@@ -313,16 +313,8 @@ class HvmRestorer:
 
     def _copy_in(self, piece: memoryview) -> None:
         """Payload bytes into the targets from the cursor on, one copy per run they touch."""
-        targets, index, within = self._targets, self._target_index, self._target_within
-        while piece:
-            target = targets[index]
-            take = min(len(target) - within, len(piece))
-            target[within:within + take] = piece[:take]
-            piece = piece[take:]
-            within += take
-            if within == len(target):
-                index, within = index + 1, 0
-        self._target_index, self._target_within = index, within
+        self._target_index, self._target_within = scatter_copy(piece, self._targets, self._target_index,
+                                                               self._target_within)
 
     def _compare(self, pages: memoryview) -> None:
         """Verify mode: whole payload pages against the guest's pages from the (page-aligned) cursor on."""

@@ -44,6 +44,7 @@ from xenstream.hv.interface import CpuPolicy, Hypervisor, HypervisorError, TscIn
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
 from xenstream.hv.u64runs import consecutive, is_consecutive
 from xenstream.v2 import constants as C
+from xenstream.v2 import positional_fill
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
 from xenstream.v2.reader import V2Reader
@@ -94,6 +95,7 @@ class _Pending:
     types: bytes
     runs: list  # MappedRun over indices into pfns
     starts: list[int]  # each run's first index, for bisect
+    span: tuple[int, int] = (0, 0)  # lowest and highest pfn
 
 
 _NO_PENDING = _Pending((), b"", [], [])
@@ -170,6 +172,7 @@ class PvRestorer:
         self._policy_msrs = b""
         self._vcpus = [_VcpuState() for _ in range(info.max_vcpu_id + 1)]
         self._verify = False
+        self._positional: positional_fill.PositionalFill | None = None  # payload readers while run_fd reads a file
         self._tables: TranslationTables | None = None
         # The data pages of the current PAGE_DATA awaiting their payload: parallel pfns, types, guest frames.
         self._pending = _NO_PENDING
@@ -218,12 +221,27 @@ class PvRestorer:
         reader = self._reader
         if initial:
             reader.feed(initial)
+        if positional_fill.usable(fd):
+            positional_fill.run_positional(fd, self)
+            return self.finish()
         while not self._drain():
             if reader.payload_remaining:
                 self._receive_payload(fd)
             else:
                 reader.feed(os.read(fd, HEAD_READ))
         return self.finish()
+
+    def _submit_payload(self, fill: positional_fill.PositionalFill, position: int) -> int:
+        """run_positional: the rest of the pending payload, at `position` of the file, to the fill's workers."""
+        reader, sink = self._reader, self._payload_sink()
+        remaining = reader.payload_remaining
+        fill.submit([sink.segments[sink.index][sink.within:], *sink.segments[sink.index + 1:]], position,
+                    self._page_record_offset, self._pending.span)
+        reader.payload_consumed(remaining)
+        if sink.scratch:
+            fill.wait()  # pagetables are localised from the scratch pages
+        self._sink_complete()
+        return remaining
 
     def payload_targets(self, limit: int = _IOV_MAX) -> list[memoryview]:
         """Passthrough mode, driven by feed(): up to `limit` writable buffers (guest frames, scratch pages for
@@ -266,6 +284,8 @@ class PvRestorer:
             event = reader.next_event()
             if event is NEED_DATA:
                 return False
+            if self._positional is not None and not positional_fill.is_page_data(event):
+                self._positional.wait()  # what follows may read or rewrite guest memory the workers fill
             self._offset = event.offset
             _EVENTS[type(event)](self, event)
         return True
@@ -426,7 +446,8 @@ class PvRestorer:
             covered = {k for run in runs for k in range(run.first, run.first + run.count)}
             bad = next(k for k in range(len(mfns)) if k not in covered)
             raise _Fail(f"cannot map pfn {data_pfns[bad]:#x} (mfn {mfns[bad]:#x}) writable")
-        self._pending = _Pending(data_pfns, data_types, runs, [run.first for run in runs])
+        span = (first, top) if contiguous else (min(data_pfns), max(data_pfns))
+        self._pending = _Pending(data_pfns, data_types, runs, [run.first for run in runs], span)
 
     def _pending_remaining(self) -> int:
         return len(self._pending.pfns) - self._pending_next

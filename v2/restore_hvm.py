@@ -31,6 +31,7 @@ from xenstream.hv import abi, composite, hvm_params
 from xenstream.hv.interface import CpuPolicy, HypervisorError, TscInfo
 from xenstream.hv.u64runs import is_consecutive
 from xenstream.v2 import constants as C
+from xenstream.v2 import positional_fill
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
 from xenstream.v2.reader import V2Reader
@@ -127,6 +128,8 @@ class HvmRestorer:
         self._payload_left = 0  # payload bytes of the pending PAGE_DATA not received yet
         self._page_record_offset = 0
         self._verify = False
+        self._positional: positional_fill.PositionalFill | None = None  # payload readers while run_fd reads a file
+        self._span = (0, 0)  # lowest and highest gfn of the pending payload
         self._libxc_done = False
         self._ended = False
         self._emulator_id: int | None = None
@@ -148,6 +151,9 @@ class HvmRestorer:
         reader = self._reader
         if initial:
             reader.feed(initial)
+        if positional_fill.usable(fd):
+            positional_fill.run_positional(fd, self)
+            return self.finish()
         while not self._drain():
             if reader.payload_remaining:
                 self._receive_payload(fd)
@@ -163,6 +169,8 @@ class HvmRestorer:
             event = reader.next_event()
             if event is NEED_DATA:
                 return False
+            if self._positional is not None and not positional_fill.is_page_data(event):
+                self._positional.wait()  # what follows may read or rewrite guest memory the workers fill
             self._offset = event.offset
             _EVENTS[type(event)](self, event)
         return True
@@ -269,6 +277,7 @@ class HvmRestorer:
             raise _Fail(f"cannot map gfn {data_pfns[missing]:#x} writable")
         self._targets = [run.view for run in runs]
         self._payload_left = len(data_pfns) * abi.PAGE_SIZE
+        self._span = (data_pfns[0], data_pfns[-1]) if isinstance(data_pfns, range) else (min(data_pfns), max(data_pfns))
 
     def _populate_run(self, first: int, count: int) -> None:
         if self._populated.run_missing(first, count) and (first >> _CHUNK_SHIFT) == ((first + count - 1) >> _CHUNK_SHIFT):
@@ -360,6 +369,27 @@ class HvmRestorer:
             self.pages_written += total >> 12
         else:
             self._compare(scratch)
+
+    def _submit_payload(self, fill: positional_fill.PositionalFill, position: int) -> int:
+        """run_positional: the rest of the pending payload, at `position` of the file, to the fill's workers
+        (verifying, read here and compared once every earlier payload is in place)."""
+        if self._verify:
+            fill.wait()
+            os.lseek(fill.fd, position, os.SEEK_SET)
+            self._receive_payload(fill.fd)
+            return os.lseek(fill.fd, 0, os.SEEK_CUR) - position
+        reader, total = self._reader, self._payload_left
+        while reader.buffered and self._payload_left:
+            self._fill(reader.take_payload(), None, total)
+        remaining = self._payload_left
+        if remaining:
+            index, within = self._target_index, self._target_within
+            fill.submit([self._targets[index][within:], *self._targets[index + 1:]], position,
+                        self._page_record_offset, self._span)
+            reader.payload_consumed(remaining)
+            self._advance(remaining)
+        self.pages_written += total >> 12
+        return remaining
 
     def _fill(self, piece: memoryview, scratch: memoryview | None, total: int) -> None:
         if scratch is None:

@@ -12,11 +12,10 @@ import argparse
 import os
 import sys
 
-import structlog
-
 from xenstream.convert import convert_args, edge, logsetup
 from xenstream.convert.pipeline import convert_fds
 from xenstream.convert.transform import CONVERTER_VERSION
+from xenstream.hv.lazylog import get_logger
 
 PROG = "convert-legacy-stream"
 
@@ -60,9 +59,9 @@ def _convert(args) -> int:
         # Xen's converter closes its output too: the reader sees end of input when we are done.
         os.close(fd_out)
     summary = result.summary
-    structlog.get_logger().info("converted", bytes_in=result.bytes_in, bytes_out=result.bytes_out,
-                                pages=summary.pages, checkpoints=summary.checkpoints,
-                                seconds=round(result.seconds, 3), moved_by=result.moved_by)
+    get_logger(__name__).info("converted", bytes_in=result.bytes_in, bytes_out=result.bytes_out,
+                              pages=summary.pages, checkpoints=summary.checkpoints,
+                              seconds=round(result.seconds, 3), moved_by=result.moved_by)
     return edge.EXIT_OK
 
 

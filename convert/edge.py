@@ -6,8 +6,7 @@ import sys
 import traceback
 from typing import Callable
 
-import structlog
-
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy.errors import StreamError as LegacyStreamError
 from xenstream.v2.errors import StreamError as V2StreamError
 
@@ -42,6 +41,6 @@ def run(prog: str, body: Callable[[], int | None]) -> int:
         print(f"{prog}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return EXIT_BAD_STREAM
     except Exception as exc:  # our own bug: say so in one line, keep the trace in the debug log
-        structlog.get_logger().debug("internal error", trace=traceback.format_exc())
+        get_logger(__name__).debug("internal error", trace=traceback.format_exc())
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL

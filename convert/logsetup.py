@@ -1,23 +1,39 @@
-"""structlog configuration shared by every command line: human on a TTY, JSON for machines, syslog on request."""
+"""structlog configuration shared by every command line: human on a TTY, JSON for machines, syslog on request.
+
+The set-up is deferred (xenstream.hv.lazylog) until something is logged at the chosen level, so that a
+run with nothing to say never imports structlog and the logging machinery.
+"""
 
 from __future__ import annotations
 
-import logging
-import logging.handlers
 import os
 import sys
 
-import structlog
+from xenstream.hv import lazylog
+
+_LEVEL_BY_VERBOSITY = {-1: 40, 0: 30, 1: 20}  # logging.ERROR, WARNING, INFO; DEBUG (10) beyond
 
 
-def configure(log_format: str = "auto", verbosity: int = 0, syslog: bool = False, ident: str = "xenstream") -> None:
-    """Send logs to stderr (and syslog when asked).
+def configure(log_format: str = "auto", verbosity: int = 0, syslog: bool = False, ident: str = "xenstream",
+              *, eager: bool = False) -> None:
+    """Send logs to stderr (and syslog when asked), from the first message that gets through on
+    (`eager`: set structlog up now, for code that logs through structlog directly).
 
     verbosity: -1 quiet (errors only), 0 warnings, 1 info, 2+ debug.
     """
-    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    level = _LEVEL_BY_VERBOSITY.get(verbosity, 10)
     if log_format == "auto":
         log_format = "console" if sys.stderr.isatty() else "plain"
+    lazylog.defer_configuration(level, lambda: _apply(log_format, level, syslog, ident))
+    if eager:
+        lazylog.activate()
+
+
+def _apply(log_format: str, level: int, syslog: bool, ident: str) -> None:
+    import logging
+    import logging.handlers
+
+    import structlog
 
     shared = [
         structlog.contextvars.merge_contextvars,

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.convert.commands.save import build_suspendable
 from xenstream.hv import abi
 from xenstream.hv.guestview import PvGuestView
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.sim.builder import GuestSpec
 from xenstream.hv.sim.workloads import LinkClock, WallClock, parse_workload
 from xenstream.hv.sim.xen import SimXen
@@ -42,7 +42,7 @@ from xenstream.v2.policy import make_policy
 from xenstream.v2.snapshot import GuestDigest, snapshot
 from xenstream.v2.writer import V2Writer
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 READ_SIZE = 1 << 20
 HEAD_READ = 64 << 10

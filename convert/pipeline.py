@@ -24,10 +24,10 @@ import time
 from typing import Callable
 
 import attrs
-import structlog
 
 from xenstream.convert.fdmove import FdMover, InputEnded, copy_range, fd_kind, write_all
 from xenstream.convert.transform import ConvertOptions, Payload, Summary, Transformer
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy.errors import MalformedStream
 from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser
 from xenstream.v2 import events as v2events
@@ -35,7 +35,7 @@ from xenstream.v2.errors import StreamError as V2StreamError
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.writer import V2Writer
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 # Small reads: whatever is read past a batch head is payload that then has to go through Python.
 HEAD_READ = 64 << 10

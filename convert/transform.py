@@ -79,9 +79,9 @@ import struct
 from typing import Protocol
 
 import attrs
-import structlog
 
 from xenstream.hv.abi import PAGE_SIZE, PAGETYPE_LPINTAB, pagetype_has_data
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as lc
 from xenstream.legacy import events as ev
 from xenstream.legacy.errors import MalformedStream, UnsupportedStream
@@ -91,7 +91,7 @@ from xenstream.v2 import records as rec
 from xenstream.v2.writer import V2Writer, encode
 from xenstream.v2.xl_header import XlHeader
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 CONVERTER_VERSION = 1  # xen_minor of a converted stream: the converter's version, as Xen's writes it
 FORMATS = ("libxc", "libxl")

@@ -23,16 +23,16 @@ import struct
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
 from xenstream.hv.interface import Hypervisor
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy import events as ev
 from xenstream.legacy.writer import LegacyWriter
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 TOOLSTACK_WIDTHS = (32, 64)
 _LIBXL_TOOLSTACK_PV = struct.pack("<II", 1, 0)  # version 1, no qemu physmap entries

@@ -24,18 +24,18 @@ import struct
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi, hvm_params
 from xenstream.hv.emulator import EmulatorState
 from xenstream.hv.guestview import hypervisor_call
 from xenstream.hv.interface import Hypervisor
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy import events as ev
 from xenstream.legacy.save import TOOLSTACK_WIDTHS, LegacySaveError
 from xenstream.legacy.writer import LegacyWriter
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 # 4.5's order of the HVM param chunks (xc_domain_save.c), each written only when its param is non-zero.
 PARAM_CHUNK_ORDER = (

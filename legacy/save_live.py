@@ -29,17 +29,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
 from xenstream.hv.interface import Hypervisor, HypervisorError
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy import events as ev
 from xenstream.legacy.save import TOOLSTACK_WIDTHS, LegacySaveError, _LegacyPvSaver
 from xenstream.legacy.writer import LegacyWriter
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 MAX_ITERS = 29
 MAX_FACTOR = 3

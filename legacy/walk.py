@@ -16,6 +16,7 @@ import array
 import struct
 
 from xenstream.hv.abi import PAGE_SIZE
+from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy.buffer import InputBuffer
 from xenstream.legacy.compression import CheckpointDecoder, PageStore
@@ -65,12 +66,12 @@ from xenstream.legacy.events import (
 from xenstream.legacy.tmem import walk_tmem, walk_tmem_extra
 from xenstream.legacy.toolstack import decode_libxl_toolstack
 
+_log = get_logger(__name__)
 
 
 def _warn(event: str, **fields) -> None:
-    import structlog  # imported when there is something to say: parser start-up stays light
+    _log.warning(event, **fields)
 
-    structlog.get_logger().warning(event, **fields)
 
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")

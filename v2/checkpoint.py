@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv.interface import Hypervisor
+from xenstream.hv.lazylog import get_logger
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import TruncatedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, SkippedRecord
@@ -38,7 +38,7 @@ from xenstream.v2.records import DomainHeader, ImageHeader
 from xenstream.v2.restore import PvRestorer, RestoreResult
 from xenstream.v2.writer import encode_record
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 _FORWARD, _HOLD, _DROP = range(3)
 _END_RECORD = encode_record(C.REC_END, b"")

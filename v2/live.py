@@ -31,11 +31,11 @@ import struct
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi, kernels
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
 from xenstream.hv.interface import Hypervisor, HypervisorError
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.pagetables import NORMALISE_BAD_MFN, NORMALISE_OK
 from xenstream.v2 import constants as C
 from xenstream.v2.libxl_records import CheckpointEnd, LibxcContext, LibxlEnd, LibxlHeader
@@ -63,7 +63,7 @@ from xenstream.v2.save import (
 )
 from xenstream.v2.writer import V2Writer, encode_record
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 _KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
 _DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)

@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import struct
 
-import structlog
-
 from xenstream.hv.abi import PAGE_SIZE
+from xenstream.hv.lazylog import get_logger
 from xenstream.v2 import constants as C
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
@@ -51,7 +50,7 @@ from xenstream.v2.libxl_records import LIBXL_RECORDS, LibxlHeader
 from xenstream.v2.records import LIBXC_RECORDS, BodyError, DomainHeader, ImageHeader, PageData
 from xenstream.v2.xl_header import XlHeader
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 _RECORD_HEADER = struct.Struct("<II")
 _COUNT = struct.Struct("<II")

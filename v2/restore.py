@@ -37,10 +37,10 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import attrs
-import structlog
 
 from xenstream.hv import abi, kernels
 from xenstream.hv.interface import CpuPolicy, Hypervisor, HypervisorError, TscInfo, VcpuContext, XsaveState
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.pagetables import P2MView, TranslationError, TranslationTables
 from xenstream.hv.u64runs import consecutive, is_consecutive
 from xenstream.v2 import constants as C
@@ -50,7 +50,7 @@ from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, Lib
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 INVALID = abi.INVALID_MFN
 HEAD_READ = 64 << 10  # small reads: what is read past a record head is payload that goes through Python

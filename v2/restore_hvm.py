@@ -25,10 +25,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi, composite, hvm_params
 from xenstream.hv.interface import CpuPolicy, HypervisorError, TscInfo
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.u64runs import is_consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2 import positional_fill
@@ -38,7 +38,7 @@ from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
 from xenstream.v2.restore import ToolstackHypervisor, restore_into_new_domain, scatter_copy
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 HEAD_READ = 64 << 10
 _IOV_MAX = 1024

@@ -21,11 +21,11 @@ from array import array
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi, kernels
 from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
 from xenstream.hv.interface import Hypervisor
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.pagetables import NORMALISE_OK, xen_slot_range
 from xenstream.hv.u64runs import consecutive
 from xenstream.v2 import constants as C
@@ -45,7 +45,7 @@ from xenstream.v2.records import (
 )
 from xenstream.v2.writer import V2Writer, encode_record
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 STREAM_VERSION = 3
 _IOV_MAX = 1024

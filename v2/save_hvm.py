@@ -27,12 +27,12 @@ from array import array
 from collections.abc import Callable
 
 import attrs
-import structlog
 
 from xenstream.hv import abi, hvm_params
 from xenstream.hv.emulator import EmulatorState
 from xenstream.hv.guestview import hypervisor_call
 from xenstream.hv.interface import Hypervisor
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.u64runs import consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.libxl_records import EmulatorContext, EmulatorXenstoreData, LibxcContext, LibxlEnd
@@ -40,7 +40,7 @@ from xenstream.v2.records import DomainHeader, End, HvmContext, HvmParams, Image
 from xenstream.v2.save import STREAM_VERSION, SaveError, policy_records
 from xenstream.v2.writer import encode_record
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 _TYPE_SHIFT = C.PFN_TYPE_SHIFT
 _KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 
-import structlog
-
 from xenstream.convert import convert_args
 from xenstream.convert.pipeline import convert_fds
 from xenstream.convert.transform import AUTO_FORMAT
+from xenstream.hv.lazylog import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 
 def register(subparsers) -> None:

@@ -19,12 +19,11 @@ import os
 import stat
 import struct
 
-import structlog
-
 from xenstream.convert import fdio
 from xenstream.convert.transform import ConvertOptions, Payload, Transformer
 from xenstream.hv import abi
 from xenstream.hv.guestview import PvGuestView
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.sim.xen import SimXen
 from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser
 from xenstream.legacy.constants import XL_FIXED_SIZE, XL_FLAG_STREAMV2, XL_MAGIC
@@ -33,7 +32,7 @@ from xenstream.v2.restore import RestoreResult, restore_new_domain
 from xenstream.v2.snapshot import snapshot
 from xenstream.v2.writer import V2Writer
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 READ_SIZE = 1 << 20
 DEFAULT_HOST_FRAMES = 1 << 20  # 4 GiB

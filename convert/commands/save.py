@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
-import structlog
-
 from xenstream.convert import fdio
 from xenstream.convert.edge import UsageError
 from xenstream.hv import abi
 from xenstream.hv.guestview import GuestStateError
+from xenstream.hv.lazylog import get_logger
 from xenstream.hv.sim.builder import GuestSpec, GuestSpecError, build_guest
 from xenstream.hv.sim.guest import PvGuest
 from xenstream.hv.sim.xen import SimXen
@@ -24,7 +23,7 @@ from xenstream.legacy.save import LegacySaveError, save_pv_legacy
 from xenstream.v2.save import SaveError, save_pv
 from xenstream.v2.writer import V2Writer
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 # Host frames beyond the guest's own: Xen's reserved extents, shared_info/grant frames, and room so
 # that a 32-bit guest (low frames only: half the host) still fits.

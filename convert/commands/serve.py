@@ -87,7 +87,7 @@ def run(args) -> int:
         print(config)
         return edge.EXIT_OK
     # A daemon reports every stream: info unless told to be quiet.
-    logsetup.configure(args.log_format, -1 if args.quiet else max(1, args.verbose + 1))
+    logsetup.configure(args.log_format, -1 if args.quiet else max(1, args.verbose + 1), eager=True)
     service = Service(config)
     service.bind()
     for signum in (signal.SIGTERM, signal.SIGINT):

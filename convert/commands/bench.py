@@ -12,4 +12,12 @@ def register(subparsers) -> None:
     for name, benchmark in sorted(bench.discover().items()):
         sub = benchmarks.add_parser(name, help=benchmark.help, description=benchmark.help)
         benchmark.add_arguments(sub)
-        sub.set_defaults(func=benchmark.run)
+        sub.set_defaults(func=_with_bytecode(benchmark.run))
+
+
+def _with_bytecode(run):
+    def run_compiled(args) -> int:
+        bench.ensure_bytecode()
+        return run(args)
+
+    return run_compiled

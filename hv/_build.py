@@ -46,10 +46,15 @@ int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size
 int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
                              unsigned entry_size);
 int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *marks, size_t marks_len);
+int64_t xs_check_legacy_batch(const uint8_t *raw, unsigned entry_size, size_t n, uint64_t p2m_size,
+                              uint64_t *scratch);
+int64_t xs_legacy_batch_words(const uint8_t *raw, unsigned entry_size, size_t n, uint64_t *words,
+                              uint64_t *scratch);
 """
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 """ + TABLES_STRUCT + r"""
@@ -389,6 +394,85 @@ int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *mark
         marks[pfns[i] - low] = 1;
     }
     return (int64_t)n;
+}
+
+/* ---- v1 page batches (the converter's hot path; twins: legacy/walk.py and convert/transform.py) ---- */
+
+#define V1_XTAB_ENTRY 0xF0000000ULL
+#define V1_PFN_MASK   0x0FFFFFFFULL
+
+static inline uint64_t v1_entry(const uint8_t *raw, unsigned entry_size, size_t i)
+{
+    if (entry_size == 8)
+        return load64(raw + i * 8);
+    uint32_t e32;
+    memcpy(&e32, raw + i * 4, 4);
+    return e32;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Whether the `n` pfns in `pfns` (reordered here) repeat one; `ascending` says they already rise. */
+static int has_duplicate(uint64_t *pfns, size_t n, int ascending)
+{
+    if (ascending)
+        return 0;
+    qsort(pfns, n, sizeof *pfns, cmp_u64);
+    for (size_t i = 1; i < n; i++)
+        if (pfns[i] == pfns[i - 1])
+            return 1;
+    return 0;
+}
+
+/* The data-page count of a valid v1 pfn_type array, or -1 when any entry is bad (undefined type, bits
+   32-63 set, a pfn at or beyond p2m_size outside XTAB, a pfn twice outside bare XTAB entries): the
+   caller's own checks then name the fault. `scratch` holds n u64. */
+int64_t xs_check_legacy_batch(const uint8_t *raw, unsigned entry_size, size_t n, uint64_t p2m_size,
+                              uint64_t *scratch)
+{
+    int64_t data = 0;
+    size_t kept = 0;
+    int ascending = 1;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t entry = v1_entry(raw, entry_size, i);
+        unsigned type = (unsigned)(entry >> 28) & 0xF;
+        uint64_t pfn = entry & V1_PFN_MASK;
+        if ((entry >> 32) || (type >= 5 && type <= 7) || (type != 0xF && pfn >= p2m_size))
+            return -1;
+        data += type < 0xD;
+        if (entry == V1_XTAB_ENTRY)
+            continue;
+        if (kept && pfn <= scratch[kept - 1])
+            ascending = 0;
+        scratch[kept++] = pfn;
+    }
+    return has_duplicate(scratch, kept, ascending) ? -1 : data;
+}
+
+/* v2 PAGE_DATA words (type nibble in bits 60-63, LPINTAB alone read as NOTAB) for a v1 pfn_type array,
+   bare XTAB entries dropped; only bits 0-31 of an entry count. Returns the word count, or -1 if a pfn
+   repeats. `scratch` holds n u64. */
+int64_t xs_legacy_batch_words(const uint8_t *raw, unsigned entry_size, size_t n, uint64_t *words,
+                              uint64_t *scratch)
+{
+    size_t kept = 0;
+    int ascending = 1;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t entry = v1_entry(raw, entry_size, i);
+        if (entry == V1_XTAB_ENTRY)
+            continue;
+        uint64_t type = (entry >> 28) & 0xF;
+        uint64_t pfn = entry & V1_PFN_MASK;
+        if (kept && pfn <= scratch[kept - 1])
+            ascending = 0;
+        scratch[kept] = pfn;
+        words[kept++] = ((type == 8 ? 0 : type) << 60) | pfn;
+    }
+    return has_duplicate(scratch, kept, ascending) ? -1 : (int64_t)kept;
 }
 """
 

@@ -16,6 +16,7 @@ import array
 import struct
 
 from xenstream.hv.abi import PAGE_SIZE
+from xenstream.hv import v1batch
 from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy.buffer import InputBuffer
@@ -403,6 +404,9 @@ class Walker:
     def _check_entries(self, entries: array.array, raw: memoryview, at: int) -> int:
         """Validate a pfn_type array without a per-entry loop; return the count of data pages."""
         word = self._word
+        counted = v1batch.check_legacy_batch(raw, word, self._p2m_size)  # compiled; None: decide here
+        if counted is not None:
+            return counted
         top = bytes(raw[3::word])
         if len(top.translate(None, _UNDEFINED_TYPE_BYTES)) != len(top):
             index = next(i for i, byte in enumerate(top) if 0x50 <= byte < 0x80)

@@ -131,6 +131,23 @@ def _require(condition: bool, message: str) -> None:
         raise _Fail(message)
 
 
+def _p2m_as_u32(p2m: array) -> array:
+    """A 32-bit guest's P2M entries: INVALID as INVALID_MFN_32, others as they are (each < 2**32). By
+    byte columns (little-endian): an entry's high half must be 0, or all ones with the low half too."""
+    if sys.byteorder != "little":
+        return array("I", (abi.INVALID_MFN_32 if m == INVALID else m for m in p2m))
+    raw = memoryview(p2m).cast("B")
+    low, high = bytearray(4 * len(p2m)), bytearray(4 * len(p2m))
+    for b in range(4):
+        low[b::4] = raw[b::8]
+        high[b::4] = raw[4 + b::8]
+    highs = array("I", high)
+    all_ones = highs.count(0xFFFFFFFF)
+    if highs.count(0) + all_ones != len(p2m) or all_ones != p2m.count(INVALID):
+        raise _Fail("a P2M entry of the 32-bit guest is beyond 32 bits")
+    return array("I", low)
+
+
 def _has_invalid(p2m: array, low: int, high: int) -> bool:
     """Whether p2m[low:high] holds INVALID, by its entries' top bytes at C speed (array.count makes an int
     per entry): only INVALID has 0xff there, every mfn being below 2**52 (x86 physical addresses)."""
@@ -870,10 +887,7 @@ class PvRestorer:
         frames = self._max_pfn // fpp + 1
         mfns = [self._mfn_for(self._p2m_pfns[i], f"P2M frame {i}") for i in range(frames)]
         pages = self._call("map the guest P2M", self.hv.map_foreign, self.domid, mfns, True)
-        if self._width == abi.WIDTH_64:
-            words = self._p2m
-        else:
-            words = array("I", (abi.INVALID_MFN_32 if m == INVALID else m for m in self._p2m))
+        words = self._p2m if self._width == abi.WIDTH_64 else _p2m_as_u32(self._p2m)
         raw = memoryview(words).cast("B")
         for i, page in enumerate(pages):
             _require(page is not None, f"cannot map P2M frame {i}")

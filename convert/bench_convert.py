@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 
 from xenstream.convert.bench import (
     Benchmark,
@@ -28,6 +26,7 @@ from xenstream.convert.bench import (
     parse_size,
     register,
     run_sizes,
+    scratch_directory,
     synthesise_pv64_v1,
     verdict,
     with_stream,
@@ -50,13 +49,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     return run_sizes(args, lambda scratch, size, repeat: _bench_size(scratch, size, repeat, args),
-                     scratch=None if args.dir else _scratch_directory(max(sizes)))
-
-
-def _scratch_directory(size: int) -> str:
-    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size + DISK_MARGIN:
-        return tempfile.mkdtemp(prefix="xenstream-bench-", dir="/dev/shm")
-    return tempfile.mkdtemp(prefix="xenstream-bench-")
+                     scratch=None if args.dir else scratch_directory("xenstream-bench-", 2 * max(sizes)))
 
 
 def _bench_size(scratch: str, size: int, repeat: int, args) -> int:

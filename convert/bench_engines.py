@@ -1,8 +1,8 @@
 """`xenstream bench engines`: the v2 save and restore engines on a simulated guest, against `cat`.
 
 A seeded PV guest of --size is built in a child process, suspended and saved non-live to a file in
---dir; another child restores that file (read from its fd: payloads go straight into guest frames)
-into a fresh simulated host whose RAM is made resident first (the simulator maps host memory lazily;
+--dir (tmpfs by default, see bench.scratch_directory); another child restores that file (read from its
+fd: payloads go straight into guest frames) into a fresh simulated host whose RAM is made resident first (the simulator maps host memory lazily;
 a real host's memory exists, so first-touch page faults are not the engine's cost). Each child times
 only the engine (not the interpreter, imports or the guest build) and reports its own extra peak RSS:
 the high-water mark reset just before the engine starts (Linux clear_refs) minus the resident size at

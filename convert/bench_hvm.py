@@ -1,7 +1,7 @@
 """`xenstream bench hvm`: the v2 HVM save and restore engines on a simulated HVM guest, against `cat`.
 
 A seeded HVM guest of --size is built in a child process, suspended and saved non-live as a v2 libxl
-stream to a file in --dir (pages go out raw: nothing is normalised on this path); another child
+stream to a file in --dir (tmpfs by default; pages go out raw: nothing is normalised on this path); another child
 restores that file from its fd (payloads straight into guest frames) into a fresh simulated host whose
 RAM is made resident first. Each child times only the engine and reports its extra peak RSS (the
 high-water mark reset just before the engine starts, minus the resident size then). Baselines, in the

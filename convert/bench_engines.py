@@ -2,8 +2,9 @@
 
 A seeded PV guest of --size is built in a child process, suspended and saved non-live to a file in
 --dir (tmpfs by default, see bench.scratch_directory); another child restores that file (read from its
-fd: payloads go straight into guest frames) into a fresh simulated host whose RAM is made resident first (the simulator maps host memory lazily;
-a real host's memory exists, so first-touch page faults are not the engine's cost). Each child times
+fd: payloads go straight into guest frames) into a fresh simulated host whose RAM is made resident
+first (the simulator maps host memory lazily; a real host's memory exists, so first-touch page faults
+are not the engine's cost). Each child times
 only the engine (not the interpreter, imports or the guest build) and reports its own extra peak RSS:
 the high-water mark reset just before the engine starts (Linux clear_refs) minus the resident size at
 that moment, which already holds the guest memory. The baselines run in the same round, in the page

@@ -415,10 +415,10 @@ class Transformer:
                 self._write_journal()
                 if self._tsc is not None:
                     self.writer.record(self._tsc)
-            self.writer.write(*closing.libxc)
-            if event.last:
+            if event.last:  # nothing follows: the plain ending (_finish writes the closing records)
                 self._finish(closing)
                 return
+            self.writer.write(*closing.libxc)
             self._close_checkpoint(closing)
             return
         if later:

@@ -160,3 +160,19 @@ def test_cut_anywhere(remus_stream, tmp_path, fraction):
     reference, _ = convert_bytes(remus_stream[: complete[-1]], tmp_path)
     assert result.summary.checkpoints == len(complete)
     assert restored_state(data)["digest"] == restored_state(reference)["digest"]
+
+
+@pytest.mark.parametrize("fmt", ["libxc", "libxl"])
+@pytest.mark.parametrize("guest", ["pv", "hvm"])
+def test_checkpoints_mode_on_a_stream_with_last_checkpoint_writes_its_tail_once(tmp_path, guest, fmt):
+    """LAST_CHECKPOINT in checkpoint 1 ends the stream there: with --checkpoints the output is the plain
+    conversion (one set of closing records, then END), not the vcpu/shared-info/HVM records twice."""
+    stream = build_stream(BuildOptions(guest=guest, pages=24 if guest == "pv" else 12, holes=1, vcpus=2))
+    assert any(isinstance(e, ev.LastCheckpoint) for e in parse_bytes(stream))
+    plain, _ = convert_bytes(stream, tmp_path, fmt=fmt)
+    every, result = convert_bytes(stream, tmp_path, fmt=fmt, checkpoints=True)
+    types = restored_state(every)["record_types"]
+    closing = C.REC_X86_PV_VCPU_BASIC if guest == "pv" else C.REC_HVM_CONTEXT
+    assert types.count(closing) == (2 if guest == "pv" else 1)
+    assert every == plain
+    assert result.report.ok, result.report.lines()

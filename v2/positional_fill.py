@@ -7,7 +7,8 @@ single-threaded and sans-IO): for a regular-file input the engine reads record h
 position it keeps, and hands each PAGE_DATA payload (a list of guest-memory buffers and the file offset
 it starts at) to `submit`. Workers fill the buffers with `preadv`, in no particular order between
 payloads, so the engine calls `wait` before anything that reads or rewrites guest memory outside a
-payload (pagetables to localise, END processing, a pfn sent twice), and before it reports end of input
+payload (pagetables to localise, END processing), `wait_for` before its own thread copies payload bytes
+that came with a record head (a pfn sent twice keeps its later copy), and before it reports end of input
 (so that a payload cut short by the end of the file is the error reported, with its record's offset).
 
 Pipes and sockets never come here: they are read in order as before.
@@ -97,15 +98,25 @@ class PositionalFill:
         pages may overlap one still being read waits for it, so that the later copy of a page wins."""
         if not buffers:
             return
-        low, high = pfns
         with self._changed:
-            while not self._stopping and (len(self._jobs) >= MAX_QUEUED or any(
-                    low <= other_high and other_low <= high for other_low, other_high in self._spans.values())):
+            while not self._stopping and (len(self._jobs) >= MAX_QUEUED or self._overlaps(pfns)):
                 self._changed.wait()
             self._serial += 1
             self._spans[self._serial] = pfns
             self._jobs.append((self._serial, buffers, offset, record_offset))
             self._changed.notify_all()
+
+    def wait_for(self, pfns: tuple[int, int]) -> None:
+        """Return once no payload queued or being read may touch the pages `pfns` (lowest, highest) bounds:
+        before the engine's own thread writes them (payload bytes that came with a record head), so that
+        an earlier copy still with a worker cannot land on top of the later one."""
+        with self._changed:
+            while not self._stopping and self._overlaps(pfns):
+                self._changed.wait()
+
+    def _overlaps(self, pfns: tuple[int, int]) -> bool:
+        low, high = pfns
+        return any(low <= other_high and other_low <= high for other_low, other_high in self._spans.values())
 
     def wait(self) -> None:
         """Return once every submitted payload is in place; raise TruncatedStream if one ended early."""

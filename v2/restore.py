@@ -294,6 +294,8 @@ class PvRestorer:
             if self._passthrough and reader.payload_remaining:
                 if not reader.buffered:
                     return False
+                if self._positional is not None:  # this thread writes these pages: no earlier copy may follow
+                    self._positional.wait_for(self._pending.span)
                 self._sink_copy(reader.take_payload())
                 if not reader.payload_remaining:
                     self._sink_complete()

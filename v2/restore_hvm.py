@@ -379,6 +379,8 @@ class HvmRestorer:
             self._receive_payload(fill.fd)
             return os.lseek(fill.fd, 0, os.SEEK_CUR) - position
         reader, total = self._reader, self._payload_left
+        if reader.buffered:  # copied by this thread: no earlier copy of these pages may land after it
+            fill.wait_for(self._span)
         while reader.buffered and self._payload_left:
             self._fill(reader.take_payload(), None, total)
         remaining = self._payload_left

@@ -191,3 +191,67 @@ def test_disjoint_payloads_are_read_at_once(monkeypatch):
             fill.wait()
         finally:
             fill.close()
+
+
+def _late_reads(monkeypatch) -> None:
+    """Workers start each payload 50 ms late, as a busy host would: whatever the engine's own thread writes
+    into guest memory meanwhile must not be overwritten by an earlier payload still to be read."""
+    real = positional_fill._read_into
+
+    def late(fd, buffers, offset):
+        time.sleep(0.05)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(positional_fill, "_read_into", late)
+
+
+def _with_last_page_resent(stream: bytes) -> tuple[bytes, int]:
+    """`stream` (bare libxc) with each PAGE_DATA record of at least 4 data pages followed by a one-page
+    PAGE_DATA resending its last data page, changed. That page lies beyond what the head read brings, so
+    a worker reads it; the small record's whole payload comes with its head, so the engine's own thread
+    copies it, possibly while the worker has yet to write the earlier copy."""
+    headers, records = es.split(stream)
+    out, copies = [], 0
+    for record in records:
+        out.append(record)
+        if record.type != C.REC_PAGE_DATA:
+            continue
+        pfns, types = es.page_data_entries(record.body)
+        data = [k for k, t in enumerate(types) if abi.pagetype_has_data(t)]
+        if len(data) < 4 or types[data[-1]] != abi.PAGETYPE_NOTAB:
+            continue
+        at = 8 + 8 * len(pfns) + (len(data) - 1) * abi.PAGE_SIZE
+        page = bytearray(record.body[at:at + abi.PAGE_SIZE])
+        page[0] ^= 0x5A
+        head = es.set_page_entry(bytes(16), 0, pfns[data[-1]], abi.PAGETYPE_NOTAB)  # one entry
+        out.append(es.Record(record.type, (1).to_bytes(4, "little") + head[4:] + bytes(page)))
+        copies += 1
+    return es.join(headers, out), copies
+
+
+def test_pv_page_resent_while_its_first_copy_is_still_being_read(pv_source, monkeypatch):
+    stream, copies = _with_last_page_resent(pv_source.stream)
+    assert copies >= 2
+    pipe_xen, from_pipe, _ = _restore_pv(pv_source, stream, "pipe")
+    _late_reads(monkeypatch)
+    file_xen, from_file, _ = _restore_pv(pv_source, stream, "file")
+    restored = es.restored_digest(file_xen, from_file)
+    assert restored == es.restored_digest(pipe_xen, from_pipe)
+    assert restored.pages != pv_source.digest.pages  # the later (changed) copies were kept
+
+
+def test_hvm_page_resent_while_its_first_copy_is_still_being_read(monkeypatch):
+    saved = hs.saved(libxl=False)
+    spec = HvmGuestSpec.parse(hs.SPEC)
+    stream, copies = _with_last_page_resent(saved.stream)
+    assert copies >= 2
+    results = {}
+    for kind in ("pipe", "file"):
+        if kind == "file":
+            _late_reads(monkeypatch)
+        xen = hs.host(spec, seed=99)
+        result, _ = _through(stream, kind, lambda fd: restore_hvm_new_domain(
+            xen, fd, max_vcpus=spec.vcpus, max_pages=spec.nr_pages + 16))
+        results[kind] = hvm_snapshot(xen, result.domid)
+    assert results["file"] == results["pipe"]
+    assert results["file"].pages != saved.digest.pages  # the later (changed) copies were kept

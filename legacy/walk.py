@@ -277,6 +277,9 @@ class Walker:
         (p2m_size,) = self._ulong.unpack((yield Read(self._word, "p2m_size")))
         if p2m_size > c.MAX_P2M_SIZE:
             raise MalformedStream(f"p2m_size {p2m_size:#x} exceeds {c.MAX_P2M_SIZE:#x}", at)
+        if not p2m_size and self.detected.guest == "pv":
+            # no pfn at all: no p2m frame, no start-info page (a given --width skips detection's vetting)
+            raise MalformedStream("p2m_size 0: a PV guest has at least one pfn", at)
         self._p2m_size = p2m_size
         yield P2mSize(p2m_size, offset=at)
         if self.detected.guest != "pv":

@@ -145,6 +145,16 @@ def test_p2m_frame_beyond_p2m_size():
     assert rejects(s.bytes(), match="p2m frame list").offset == s.marks["p2m_frames"]
 
 
+@pytest.mark.parametrize("width", [32, 64])
+def test_pv_p2m_size_0_given_width(width):
+    """With --width given, detection no longer vets p2m_size: a PV stream with p2m_size 0 has no pfn
+    at all (no p2m frame, no start-info page); it must be a MalformedStream at p2m_size, not reach the
+    converter (which packed p2m_end_pfn = -1 into a u32 and died with struct.error)."""
+    s = hb.Stream(width).pv_header(0).i32(-9).end_body().pv_tail([0])
+    error = rejects(s.bytes(), match="p2m_size 0", width=width, guest="pv")
+    assert error.offset == s.marks["p2m_size"]
+
+
 @pytest.mark.parametrize("max_id", [4096, 5000, -1])
 def test_vcpu_max_id_out_of_range(max_id):
     s = pv_prefix().mark("bad").i32(-2).i32(max_id).raw(bytes(8))

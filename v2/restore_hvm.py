@@ -46,7 +46,9 @@ _NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(
 _FLAG = b"\x01"
 _NEEDS_RAM_FLAGS = bytes(int(t in _NEEDS_RAM) for t in range(256))  # translate tables over PAGE_DATA's type bytes
 _DATALESS_FLAGS = bytes(int(t in abi.PAGETYPES_WITHOUT_DATA) for t in range(256))
-_CHUNK_SHIFT = 20  # populated-gfn tracking in 1M-gfn chunks (1 MiB each), so a far gfn costs one chunk
+_CHUNK_SHIFT = abi.SUPERPAGE_ORDER  # populated-gfn tracking per 2 MiB extent (see _Populated)
+_CHUNK = 1 << _CHUNK_SHIFT
+_CHUNK_MASK = _CHUNK - 1
 _SPAN = abi.SUPERPAGE_FRAMES
 
 
@@ -69,34 +71,49 @@ class _Fail(Exception):
 
 
 class _Populated:
-    """Which gfns have been populated: one byte per gfn, in chunks allocated on first touch."""
+    """Which gfns have been populated: one byte per gfn, in chunks of one 2 MiB extent allocated on first
+    touch. Gfns come from the stream unchecked (HVM has no pfn limit to hold them to), so the cost must
+    follow what is populated, not how far apart it is: about 0.6 KiB per populated gfn for the most
+    scattered stream (each populate is bounded by the domain's max_pages), one byte per gfn for RAM."""
 
     def __init__(self) -> None:
         self._chunks: dict[int, bytearray] = {}
 
     def __contains__(self, gfn: int) -> bool:
         chunk = self._chunks.get(gfn >> _CHUNK_SHIFT)
-        return chunk is not None and bool(chunk[gfn & ((1 << _CHUNK_SHIFT) - 1)])
+        return chunk is not None and bool(chunk[gfn & _CHUNK_MASK])
 
     def run_missing(self, first: int, count: int) -> bool:
-        """True when none of first..first+count-1 (within one chunk) is populated."""
-        chunk = self._chunks.get(first >> _CHUNK_SHIFT)
-        low = first & ((1 << _CHUNK_SHIFT) - 1)
-        return chunk is None or chunk.count(0, low, low + count) == count
+        """True when none of first..first+count-1 is populated."""
+        for chunk_index, low, high in _chunk_pieces(first, count):
+            chunk = self._chunks.get(chunk_index)
+            if chunk is not None and chunk.count(0, low, high) != high - low:
+                return False
+        return True
 
     def mark(self, gfns) -> None:
         for gfn in gfns:
-            chunk = self._chunks.get(gfn >> _CHUNK_SHIFT)
-            if chunk is None:
-                chunk = self._chunks[gfn >> _CHUNK_SHIFT] = bytearray(1 << _CHUNK_SHIFT)
-            chunk[gfn & ((1 << _CHUNK_SHIFT) - 1)] = 1
+            self._chunk(gfn >> _CHUNK_SHIFT)[gfn & _CHUNK_MASK] = 1
 
     def mark_run(self, first: int, count: int) -> None:
-        chunk = self._chunks.get(first >> _CHUNK_SHIFT)
+        for chunk_index, low, high in _chunk_pieces(first, count):
+            self._chunk(chunk_index)[low:high] = b"\x01" * (high - low)
+
+    def _chunk(self, index: int) -> bytearray:
+        chunk = self._chunks.get(index)
         if chunk is None:
-            chunk = self._chunks[first >> _CHUNK_SHIFT] = bytearray(1 << _CHUNK_SHIFT)
-        low = first & ((1 << _CHUNK_SHIFT) - 1)
-        chunk[low:low + count] = b"\x01" * count
+            chunk = self._chunks[index] = bytearray(_CHUNK)
+        return chunk
+
+
+def _chunk_pieces(first: int, count: int):
+    """(chunk index, low, high) for each chunk that gfns first..first+count-1 touch."""
+    gfn, end = first, first + count
+    while gfn < end:
+        low = gfn & _CHUNK_MASK
+        high = min(_CHUNK, low + (end - gfn))
+        yield gfn >> _CHUNK_SHIFT, low, high
+        gfn += high - low
 
 
 class HvmRestorer:
@@ -280,7 +297,7 @@ class HvmRestorer:
         self._span = (data_pfns[0], data_pfns[-1]) if isinstance(data_pfns, range) else (min(data_pfns), max(data_pfns))
 
     def _populate_run(self, first: int, count: int) -> None:
-        if self._populated.run_missing(first, count) and (first >> _CHUNK_SHIFT) == ((first + count - 1) >> _CHUNK_SHIFT):
+        if self._populated.run_missing(first, count):
             head = min(count, -first % _SPAN)
             extents = list(range(first + head, first + count - _SPAN + 1, _SPAN))
             tail_start = extents[-1] + _SPAN if extents else first + head

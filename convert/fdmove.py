@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
 
 # Errors meaning "this primitive cannot serve this pair of fds", as opposed to a real I/O failure.
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EBADF,
                           errno.ESPIPE, errno.ENOTSUP})
+# "Try again": a non-blocking fd (O_NONBLOCK belongs to the open file, so whoever shares it may have set
+# it) has no data or no room yet. Not a failure: wait until it has, then retry.
+_WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 _SPLICE_CHUNK = 1 << 20
 _BUFFER_SIZE = 1 << 20
 
@@ -64,6 +68,10 @@ class FdMover:
             try:
                 step = strategy(count - moved)
             except OSError as exc:
+                if exc.errno in _WOULD_BLOCK:  # either side may be the non-blocking one
+                    wait_readable(self.fd_in)
+                    wait_writable(self.fd_out)
+                    continue
                 if exc.errno in _UNSUPPORTED and strategy is not self._buffered:
                     self._strategies.pop(0)
                     continue
@@ -91,10 +99,37 @@ class FdMover:
         return got
 
 
+def _wait(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()  # also returns on POLLHUP / POLLERR: the retried call then reports end or error
+
+
+def wait_readable(fd: int) -> None:
+    _wait(fd, select.POLLIN)
+
+
+def wait_writable(fd: int) -> None:
+    _wait(fd, select.POLLOUT)
+
+
+def read_some(fd: int, size: int) -> bytes:
+    """os.read that waits on a non-blocking fd with no data yet (b"" still means the end of input)."""
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            wait_readable(fd)
+
+
 def write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
-        written = os.write(fd, view)
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:  # a non-blocking fd that is full for now
+            wait_writable(fd)
+            continue
         view = view[written:]
 
 
@@ -104,6 +139,9 @@ def copy_range(fd_src: int, offset: int, fd_out: int, count: int, buffer: bytear
         try:
             step = os.sendfile(fd_out, fd_src, offset, count)
         except OSError as exc:
+            if exc.errno in _WOULD_BLOCK:
+                wait_writable(fd_out)
+                continue
             if exc.errno not in _UNSUPPORTED:
                 raise
             view = memoryview(buffer)[:min(count, len(buffer))]

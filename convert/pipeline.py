@@ -25,7 +25,7 @@ from typing import Callable
 
 import attrs
 
-from xenstream.convert.fdmove import FdMover, InputEnded, copy_range, fd_kind, write_all
+from xenstream.convert.fdmove import FdMover, InputEnded, copy_range, fd_kind, read_some, write_all
 from xenstream.convert.transform import ConvertOptions, Payload, Summary, Transformer
 from xenstream.hv.lazylog import get_logger
 from xenstream.legacy.errors import MalformedStream
@@ -243,7 +243,7 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
         while not transformer.finished:
             event = parser.next_event()
             if event is NEED_DATA:
-                parser.feed(os.read(fd_in, HEAD_READ))
+                parser.feed(read_some(fd_in, HEAD_READ))
                 continue
             if event is DONE:
                 break

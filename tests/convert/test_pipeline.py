@@ -246,3 +246,42 @@ def test_verify_stops_at_end_of_libxc_stream(tmp_path):
     data, result = convert_bytes(hvm, tmp_path, verify=True, fmt="libxc")
     assert result.report.ok, result.report.lines()
     assert b"DeviceModelRecord0002" in data[-600:]
+
+
+@pytest.mark.parametrize("blocking_in,blocking_out", [(False, True), (True, False), (False, False)])
+def test_non_blocking_fds_are_waited_on(stream, reference, blocking_in, blocking_out):
+    """A pipe another process left in O_NONBLOCK mode (the flag belongs to the shared open file) makes
+    read, write and splice fail with EAGAIN whenever the peer is slower: the pipeline waits for the fd
+    instead of dying with BlockingIOError, and the output is the same."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.set_blocking(in_r, blocking_in)
+    os.set_blocking(out_w, blocking_out)
+    output = bytearray()
+    late = threading.Event()
+
+    def feed():
+        late.wait(5)  # the converter meets an empty input pipe first
+        _write_all(in_w, stream)
+        os.close(in_w)
+
+    def drain():
+        late.wait(5)  # and a full output pipe
+        while chunk := os.read(out_r, 1 << 12):
+            output.extend(chunk)
+        os.close(out_r)
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for thread in threads:
+        thread.start()
+    timer = threading.Timer(0.3, late.set)
+    timer.start()
+    try:
+        convert_fds(in_r, out_w, ConvertOptions(fmt="libxl"))
+    finally:
+        late.set()
+        os.close(in_r)
+        os.close(out_w)
+        for thread in threads:
+            thread.join(10)
+    assert bytes(output) == reference

@@ -34,9 +34,11 @@ MAX_QUEUED = 8  # payloads submitted and not yet taken by a worker: bounds how f
 def run_positional(fd: int, restorer) -> None:
     """Drive `restorer` (PvRestorer or HvmRestorer in passthrough mode) over the regular file `fd` until its
     stream ends: record heads read with pread from a position kept here, each pending payload handed to
-    the restorer's `_submit_payload(fill, position)` (which returns its length in the file). Leaves the
-    fd where sequential reads would have left it. The restorer's `_positional` is the fill meanwhile, so
-    that it can wait for the workers before touching guest memory itself."""
+    the restorer's `_submit_payload(fill, position)` (which returns its length in the file). After a
+    complete stream the fd's offset is just past the last bytes read, somewhere after END, as after
+    sequential reads (whose read-ahead differs); after a failure it is not moved. The restorer's
+    `_positional` is the fill meanwhile, so that it can wait for the workers before touching guest
+    memory itself."""
     reader = restorer._reader
     position = os.lseek(fd, 0, os.SEEK_CUR)
     fill = restorer._positional = PositionalFill(fd)

@@ -104,6 +104,7 @@ _HVM_PARAM_STORE_PFN = 1
 _HVM_PARAM_IOREQ_PFN = 5
 _HVM_PARAM_BUFIOREQ_PFN = 6
 _DM_LENGTH = struct.Struct("<I")
+_EMULATOR_HEADER_SIZE = 8  # EMULATOR_CONTEXT body: u32 emulator id, u32 index, then the state
 
 
 class Payload(enum.Enum):
@@ -388,10 +389,20 @@ class Transformer:
         keep = self._libxl or not self.options.skip_qemu
         self._device_model = bytearray() if keep else None
         self._device_model_signature = event.signature
+        if event.length is not None:
+            self._check_device_model_size(event.length, event.offset)
 
     def _device_model_data(self, event: ev.DeviceModelData) -> None:
         if self._device_model is not None:
+            self._check_device_model_size(len(self._device_model) + len(event.data), event.offset)
             self._device_model += event.data
+
+    def _check_device_model_size(self, size: int, offset: int) -> None:
+        """libxl format: the state must fit one EMULATOR_CONTEXT record; refused before it is gathered."""
+        limit = C.RECORD_LENGTH_MAX - _EMULATOR_HEADER_SIZE
+        if self._libxl and size > limit:
+            raise UnsupportedStream(f"device-model state of {size} bytes or more does not fit one v2 "
+                                    f"EMULATOR_CONTEXT record ({limit} bytes at most)", offset)
 
     def _checkpoint_end(self, event: ev.CheckpointEnd) -> None:
         closing = _Closing(libxc=self._tail)

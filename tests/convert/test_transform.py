@@ -130,6 +130,29 @@ def test_every_device_model_signature_becomes_emulator_context(tmp_path, device_
     assert skipped == libxc[: -(25 + len(qemu))]
 
 
+@pytest.mark.parametrize("device_model", ["RemusDeviceModelState", "QemuDeviceModelRecord", "DeviceModelRecord0002"])
+def test_device_model_state_beyond_one_record_is_a_stream_error(tmp_path, monkeypatch, device_model):
+    """libxl format puts the qemu state in one EMULATOR_CONTEXT record, at most RECORD_LENGTH_MAX bytes
+    with its 8-byte emulator header: a bigger state (up to 4 GiB by its u32 length, or unbounded for the
+    to-end-of-input QemuDeviceModelRecord) is a one-line UnsupportedStream at the record, without END,
+    not a ValueError from the writer after the whole state was gathered in memory. (The limit is
+    lowered here so that the test need not build a 128 MiB stream.)"""
+    stream = build_stream(BuildOptions(**{**HVM, "device_model_size": 20000}, device_model=device_model))
+    events = parse_bytes(stream)
+    dm = next(e for e in events if isinstance(e, ev.DeviceModelRecord))
+    state = sum(len(e.data) for e in events if isinstance(e, ev.DeviceModelData))
+    original = C.RECORD_LENGTH_MAX
+    monkeypatch.setattr(C, "RECORD_LENGTH_MAX", 8 + state - 1)
+    written, error = partial_output(stream, tmp_path, fmt="libxl")
+    assert isinstance(error, UnsupportedStream) and "\n" not in str(error)
+    assert error.offset >= dm.offset
+    assert not has_end_record(written)
+    monkeypatch.setattr(C, "RECORD_LENGTH_MAX", 8 + state)  # just fits
+    data, _ = convert_bytes(stream, tmp_path, fmt="libxl", verify=False)
+    monkeypatch.setattr(C, "RECORD_LENGTH_MAX", original)  # for reading it back (PAGE_DATA is larger)
+    assert len(libxl_records(data)[-2].body.data) == state
+
+
 def test_tmem_refused_in_one_line_without_end(tmp_path):
     stream = build_stream(BuildOptions(**PV, tmem=True, live_iterations=1))
     written, error = partial_output(stream, tmp_path)

@@ -78,6 +78,10 @@ _L1_FAILURES = {hotpaths.L1_REFUSED_FLAGS: "sets disallowed flags",
 _VM86_TSS_UPDATED = 1 << 63
 _TSS32_SIZE = 104
 DEFAULT_TSC = TscInfo(mode=0, khz=2_400_000, nsec=0, incarnation=0)
+# HVM gfns must lie below 2**36: a 4-level EPT walk translates 48-bit guest-physical addresses, and Xen's
+# ept_set_entry (xen/arch/x86/mm/p2m-ept.c) refuses any gfn with bits at or above 36 with EINVAL, so
+# populate_physmap never grows the p2m past that however far a stream's gfn points.
+HVM_GFN_LIMIT = 1 << 36
 
 
 class ValidationError(HypervisorError):
@@ -358,11 +362,9 @@ class SimXen:
     @staticmethod
     def _hvm_frames(dom: Domain, gfns: Sequence[int]) -> Sequence[int]:
         p2m = dom.hvm_p2m
-        if isinstance(gfns, range) and gfns.step == 1 and gfns.start >= 0:  # a batch: one slice
-            frames = p2m[gfns.start:gfns.stop]
-            frames.extend(array("Q", [abi.INVALID_MFN]) * (len(gfns) - len(frames)))
-            return frames
-        return [p2m[g] if 0 <= g < len(p2m) else abi.INVALID_MFN for g in gfns]
+        if isinstance(gfns, range) and gfns.step == 1 and gfns.start >= 0:  # a batch: chunk slices
+            return p2m.frames(gfns.start, len(gfns))
+        return p2m.lookup(gfns)
 
     def populate_physmap(self, domid: int, gfns: Sequence[int], order: int = 0) -> Sequence[int]:
         self._count("populate_physmap")
@@ -372,10 +374,14 @@ class SimXen:
             raise HypervisorError(errno.ENOMEM, f"populating {frames} frames exceeds max_pages {dom.max_pages}")
         if order and any(g & (abi.SUPERPAGE_FRAMES - 1) for g in gfns):
             raise HypervisorError(errno.EINVAL, "order-9 extent not 2 MiB aligned")
+        span = 1 << order
+        if dom.is_hvm and gfns and (min(gfns) < 0 or max(gfns) + span > HVM_GFN_LIMIT):
+            bad = next(g for g in gfns if g < 0 or g + span > HVM_GFN_LIMIT)
+            raise HypervisorError(errno.EINVAL, f"gfn {bad:#x}+{span} is beyond the guest-physical address "
+                                                f"width (gfns below {HVM_GFN_LIMIT:#x})")
         low_only = not dom.is_hvm and dom.width == abi.WIDTH_32
         firsts = self.machine.allocate(domid, len(gfns), order, low_only=low_only)
         m2p = self.machine.m2p
-        span = 1 << order
         for gfn, mfn in zip(gfns, firsts):
             if span == 1:
                 m2p[mfn] = gfn
@@ -385,14 +391,12 @@ class SimXen:
         top = max(gfns) + span - 1 if gfns else 0
         dom.max_gpfn = max(dom.max_gpfn, top)
         if dom.is_hvm:
-            if len(dom.hvm_p2m) <= top:
-                dom.hvm_p2m.extend(array("Q", [abi.INVALID_MFN]) * (top + 1 - len(dom.hvm_p2m)))
             p2m = dom.hvm_p2m
             for gfn, mfn in zip(gfns, firsts):
                 if span == 1:
-                    p2m[gfn] = mfn
+                    p2m.set(gfn, mfn)
                 else:
-                    p2m[gfn:gfn + span] = consecutive(mfn, span)
+                    p2m.set_run(gfn, consecutive(mfn, span))
             return array("Q", gfns)
         return array("Q", firsts)
 
@@ -428,8 +432,7 @@ class SimXen:
         if dom.logdirty.enabled:
             raise HypervisorError(errno.EINVAL, "log-dirty already enabled")
         dom.logdirty.enabled = True
-        dom.logdirty.bits = bytearray((dom.max_gpfn >> 3) + 1)
-        dom.logdirty.fault_count = 0
+        dom.logdirty.clear()  # bits are allocated as pages get dirty, not for max_gpfn up front
 
     def shadow_off(self, domid: int) -> None:
         self._domain(domid).logdirty.enabled = False
@@ -447,21 +450,12 @@ class SimXen:
         state = dom.logdirty
         if not state.enabled:
             raise HypervisorError(errno.EINVAL, "log-dirty is not enabled")
-        nbytes = (nr_pages + 7) >> 3
-        if len(bitmap) < nbytes:
+        if len(bitmap) < (nr_pages + 7) >> 3:
             raise HypervisorError(errno.EINVAL, "bitmap too small")
-        bits = state.bits
-        if len(bits) < nbytes:
-            bits.extend(bytes(nbytes - len(bits)))
-        chunk = bytearray(bits[:nbytes])
-        if nr_pages & 7:
-            chunk[-1] &= (1 << (nr_pages & 7)) - 1
-        bitmap[:nbytes] = chunk
-        stats = LogDirtyStats(pages=nr_pages, dirty_count=int.from_bytes(bits, "little").bit_count(),
-                              fault_count=state.fault_count)
+        state.copy_to(bitmap, nr_pages)
+        stats = LogDirtyStats(pages=nr_pages, dirty_count=state.dirty_count(), fault_count=state.fault_count)
         if clear:
-            state.bits = bytearray(len(bits))
-            state.fault_count = 0
+            state.clear()
         return stats
 
     # ================================================================ 7.4 =======================

@@ -71,6 +71,12 @@ SAMPLES = (
             toolstack=False),
     _sample("pv64-libvirt", "libvirt libxl driver save: libvirt-xml header (version 1) before the v1 stream",
             PV, wrapper="libvirt"),
+    _sample("pv64-tmem-xen40", "Xen 4.0 saver, live, tmem: TMEM format version 0 (8-byte object ids in TMEM "
+            "and TMEM_EXTRA), no \"xcnt\", 32-byte extended contexts with leftover filler, no LAST_CHECKPOINT",
+            PV, xen_version=(4, 0), tmem=True, live_iterations=2, xsave=False, toolstack=False),
+    _sample("pv64-remus-xen40", "Xen 4.0 (xend-era) Remus: 3 checkpoints, no \"xcnt\"; 4.0 had no LAST_CHECKPOINT, "
+            "so only the end of input ends it and a 4.0 restore commits the last complete checkpoint", PV,
+            xen_version=(4, 0), checkpoints=3, xsave=False, toolstack=False),
     _sample("hvm64", "HVM parameter chunks, libxl DeviceModelRecord0002", HVM),
     _sample("hvm32-tools32", "HVM parameter chunks, DeviceModelRecord0002", HVM, width=32),
     _sample("hvm64-qemu-record", "xend-style QemuDeviceModelRecord (no length, runs to end of input), "
@@ -129,8 +135,9 @@ CONVERTER_NOTES = [
     "Asserted by `tests/interop/test_legacy_samples_xen.py` (run with `-w <width> -g <pv|hvm>`; outputs",
     "checked with Xen's `verify-stream-v2`). Accepted and verified with `-f libxc` and `-f libxl` (HVM also",
     "with `-f libxc --skip-qemu`): `pv64`, `pv32-tools32`, `pv32-on-tools64`, `pv64-on-tools32`, `pv64-live`,",
-    "`pv64-verify`, `pv64-broken-noxsave`, `hvm64`, `hvm32-tools32`. `pv64-remus` is accepted, but only its",
-    "checkpoint 1 is converted: the rest of the input is silently ignored.",
+    "`pv64-verify`, `pv64-broken-noxsave`, `hvm64`, `hvm32-tools32`. `pv64-remus` and `pv64-remus-xen40` are",
+    "accepted, but only their checkpoint 1 is converted: the rest of the input is silently ignored (a 4.0 or",
+    "4.5 restore commits the last complete checkpoint).",
     "",
     "Rejected, by design or by Xen's Python 3 bugs:",
     "",
@@ -138,7 +145,7 @@ CONVERTER_NOTES = [
     "  (it compares the bytes read with a str magic); without `-x` the header is taken as `p2m_size`. The",
     "  same streams with the header cut off (as xl does before calling the converter) are accepted.",
     "- `pv64-remus-compressed`, `hvm64-remus-compressed`: ENABLE_COMPRESSION raises \"todo\" (exit 2).",
-    "- `pv64-tmem`: TMEM raises \"todo\" (exit 2).",
+    "- `pv64-tmem`, `pv64-tmem-xen40`: TMEM raises \"todo\" (exit 2), whatever its format version.",
     "- `hvm64-x87`: \"Unrecognised chunk -21\" (exit 1).",
     "- `hvm64-qemu-record`, `hvm64-remus-dm`: \"Unrecognised Qemu sig\" (exit 2) unless `-f libxc --skip-qemu`,",
     "  which converts them without the device-model state.",

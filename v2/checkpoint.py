@@ -18,12 +18,16 @@ CHECKPOINT); like Xen's restorer (`xg_sr_restore.c`: END is processed, not buffe
 the last CHECKPOINT and END are dropped. A plain stream goes straight through, so this also restores
 ordinary (live or not) streams.
 
-The inner engine sees a bare libxc stream (headers, then records, CHECKPOINT and libxl records left out):
-offsets in its errors count from the libxc image header.
+The inner engine sees a bare libxc stream (headers, then records; the xl header, libxl records and
+CHECKPOINT left out, later checkpoints' records handed over only at their commit). Its errors are re-raised
+with the offset in the input as fed: this layer notes where in the input each run of bytes it hands over
+came from. The END it makes up at a failover stands where the CHECKPOINT record that closed the last
+committed checkpoint stands, so an error completing that checkpoint is reported there.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import attrs
@@ -31,7 +35,7 @@ import attrs
 from xenstream.hv.interface import Hypervisor
 from xenstream.hv.lazylog import get_logger
 from xenstream.v2 import constants as C
-from xenstream.v2.errors import TruncatedStream
+from xenstream.v2.errors import StreamError, TruncatedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, SkippedRecord
 from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader
@@ -64,7 +68,15 @@ class CheckpointRestorer:
         self._raw_base = 0  # stream offset of _raw[0]
         self._cursor = 0  # bytes before this offset have been forwarded, held or dropped
         self._class = _DROP  # what happens to the bytes of the element that began at _cursor
-        self._held: list[bytes] = []
+        self._held: list[tuple[int, bytes]] = []  # (input offset, bytes) of each element held back
+        # Where the engine's offsets lie in the input: (engine offset, input offset) wherever the bytes it
+        # is given stop being consecutive in the input. Cut back at each commit: the engine never names a
+        # record of an earlier checkpoint again.
+        self._origins: list[tuple[int, int]] = []
+        self._engine_end = 0  # bytes handed to the engine so far
+        self._input_end = -1  # input offset just after the last of them
+        self._checkpoint_at = 0  # input offset of the latest CHECKPOINT record
+        self._committed_at = 0  # ... of the CHECKPOINT that closed the last committed checkpoint
         self._libxl = False
         self._awaiting_checkpoint_end = False
         self.checkpoints = 0
@@ -120,7 +132,12 @@ class CheckpointRestorer:
     def payload_filled(self, n: int) -> None:
         """The driver read the next `n` stream bytes into the buffers `payload_targets` gave."""
         self._reader.payload_consumed(n)
-        self.inner.payload_filled(n)
+        self._handing(self._raw_base, n)
+        try:
+            self.inner.payload_filled(n)
+        except StreamError as exc:
+            self._in_input(exc)
+            raise
         self._raw_base += n
         self._cursor = self._raw_base
 
@@ -140,7 +157,12 @@ class CheckpointRestorer:
             self._raw += chunk
             return
         self._settle(self._raw_base + len(self._raw))
-        self.inner.feed_payload(chunk)
+        self._handing(self._raw_base, chunk.nbytes)
+        try:
+            self.inner.feed_payload(chunk)
+        except StreamError as exc:
+            self._in_input(exc)
+            raise
         self._raw_base += chunk.nbytes
         self._cursor = self._raw_base
 
@@ -149,9 +171,9 @@ class CheckpointRestorer:
         start, end = self._cursor - self._raw_base, offset - self._raw_base
         if self._class == _FORWARD and end > start:  # (an empty feed would mean end of input)
             with memoryview(self._raw)[start:end] as chunk:  # the inner reader copies what it keeps
-                self.inner.feed(chunk)
+                self._to_engine(self._cursor, chunk)
         elif self._class == _HOLD:
-            self._held.append(bytes(self._raw[start:end]))
+            self._held.append((self._cursor, bytes(self._raw[start:end])))
         del self._raw[:end]
         self._raw_base = offset
         self._cursor = offset
@@ -162,6 +184,34 @@ class CheckpointRestorer:
 
     def _record_kind(self) -> int:
         return _HOLD if self.checkpoints else _FORWARD
+
+    # ------------------------------------------------------------------ the engine's offsets in the input
+
+    def _handing(self, offset: int, n: int) -> None:
+        """The next `n` bytes the engine gets are input bytes from `offset` on."""
+        if offset != self._input_end:
+            self._origins.append((self._engine_end, offset))
+        self._engine_end += n
+        self._input_end = offset + n
+
+    def _to_engine(self, offset: int, data) -> None:
+        """Feed the engine `data`, which stands at `offset` of the input."""
+        self._handing(offset, len(data))
+        try:
+            self.inner.feed(data)
+        except StreamError as exc:
+            self._in_input(exc)
+            raise
+
+    def _in_input(self, exc: StreamError) -> None:
+        """Rewrite the offset of an error the engine raised (counted in the bytes it was given) as an
+        offset in the input."""
+        origins = self._origins
+        if exc.offset is None or not origins:
+            return
+        i = max(bisect.bisect_right(origins, (exc.offset, float("inf"))) - 1, 0)
+        engine_offset, input_offset = origins[i]
+        exc.offset = input_offset + exc.offset - engine_offset
 
     # ------------------------------------------------------------------ events
 
@@ -174,6 +224,7 @@ class CheckpointRestorer:
     def _libxc_record(self, event: LibxcRecord) -> None:
         if event.type == C.REC_CHECKPOINT:
             self._begin(event.offset, _DROP)
+            self._checkpoint_at = event.offset
             if self._libxl:
                 self._awaiting_checkpoint_end = True
             else:
@@ -183,7 +234,7 @@ class CheckpointRestorer:
             if self._held:  # as Xen's restorer: END is processed, records buffered since CHECKPOINT are not
                 log.warning("records after the last CHECKPOINT dropped at END", chunks=len(self._held))
                 self._held.clear()
-            self.inner.feed(_END_RECORD)
+            self._to_engine(event.offset, _END_RECORD)
             self._complete(failover=False, reason="END")
         else:
             self._begin(event.offset, self._record_kind())
@@ -207,9 +258,11 @@ class CheckpointRestorer:
 
     def _commit(self) -> None:
         self._settle(self._cursor)
-        for chunk in self._held:
-            self.inner.feed(chunk)
+        for offset, chunk in self._held:
+            self._to_engine(offset, chunk)
         self._held.clear()
+        del self._origins[:-1]
+        self._committed_at = self._checkpoint_at
         self.checkpoints += 1
         log.info("checkpoint committed", checkpoint=self.checkpoints)
         if self.on_commit is not None:
@@ -222,11 +275,15 @@ class CheckpointRestorer:
         log.warning("failover to the last complete checkpoint", checkpoints=self.checkpoints, reason=reason)
         self._held.clear()
         self._raw.clear()
-        self.inner.feed(_END_RECORD)
+        self._to_engine(self._committed_at, _END_RECORD)
         self._complete(failover=True, reason=reason)
 
     def _complete(self, failover: bool, reason: str) -> None:
-        result = self.inner.finish()
+        try:
+            result = self.inner.finish()
+        except StreamError as exc:
+            self._in_input(exc)
+            raise
         self._outcome = CheckpointOutcome(result=result, checkpoints=self.checkpoints, failover=failover,
                                           reason=reason)
 

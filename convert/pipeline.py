@@ -220,7 +220,10 @@ def convert_fds(fd_in: int, fd_out: int, options: ConvertOptions = ConvertOption
     started = time.monotonic()
     for fd in (fd_in, fd_out):
         _grow_pipe(fd)
-    parser = LegacyParser(width=width, guest=guest, xl=xl, passthrough=True)
+    # libxc format with skip_qemu reads no device-model record, as Xen's --skip-qemu: a bare libxc HVM
+    # stream has none. (libxl format, and auto which is libxl for HVM, carries the record: required.)
+    parser = LegacyParser(width=width, guest=guest, xl=xl, passthrough=True,
+                          device_model_optional=options.skip_qemu and options.fmt == "libxc")
     checker = InlineVerifier(checkpointed=options.checkpoints) if verify else None
     buffer = bytearray(1 << 20)
     sink = OutputSink(fd_out, checker, buffer)

@@ -631,7 +631,8 @@ class EndOfStream(Event):
     """The stream ended (spec 5.3). Not wire.
 
     ``checkpoints``: complete checkpoints. ``reason``: "last-checkpoint" (LAST_CHECKPOINT seen),
-    "end-of-input" (clean end at a checkpoint boundary) or "device-model-to-eof". When the input ended
+    "end-of-input" (clean end at a checkpoint boundary), "device-model-to-eof" or "no-device-model" (a
+    bare libxc HVM stream, parser option device_model_optional). When the input ended
     inside checkpoint 2 or later, ``last_checkpoint_complete`` is False and ``discarded_offset`` is where
     the discarded partial checkpoint began (the restorer commits the previous one).
     """

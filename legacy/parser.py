@@ -44,6 +44,10 @@ pages it completed. The decoder keeps the last content of every PFN decoded from
 enough for every stream a Xen saver writes. ``keep_all_pages=True`` also keeps the pages of
 uncompressed batches, as the receiver's memory does (buffered mode only), for streams that send a delta
 against a page last seen uncompressed.
+
+``device_model_optional=True`` accepts an HVM stream that ends right after its HVM context (reason
+"no-device-model"): a bare libxc stream, whose device-model record libxl or xend never appended (what
+Xen's converter takes with --skip-qemu). By default the record is required there.
 """
 
 from __future__ import annotations
@@ -80,13 +84,14 @@ class LegacyParser:
         *,
         passthrough: bool = False,
         keep_all_pages: bool = False,
+        device_model_optional: bool = False,
     ):
         if width not in _WIDTHS or guest not in _GUESTS or xl not in _XL:
             raise ValueError(f"width must be one of {_WIDTHS}, guest one of {_GUESTS}, xl one of {_XL}")
         if passthrough and keep_all_pages:
             raise ValueError("keep_all_pages needs the page data, so it cannot be combined with passthrough")
         self._buffer = InputBuffer()
-        self._walker = Walker(self._buffer, width, guest, xl, passthrough, keep_all_pages)
+        self._walker = Walker(self._buffer, width, guest, xl, passthrough, keep_all_pages, device_model_optional)
         self._walk = self._walker.run()
         self._demand = None
         self._payload_left = 0

@@ -104,6 +104,7 @@ class Walker:
         xl: bool | None,
         passthrough: bool,
         keep_all_pages: bool,
+        device_model_optional: bool = False,
     ):
         self._buf = buffer
         self._width_option = width
@@ -111,6 +112,7 @@ class Walker:
         self._xl_option = xl
         self._passthrough = passthrough
         self._keep_all_pages = keep_all_pages
+        self._device_model_optional = device_model_optional
         self.detected: Detected | None = None
         self.checkpoints = 0  # complete checkpoints so far
         self.checkpoint_start: int | None = None  # offset of the current checkpoint from the 2nd on
@@ -171,7 +173,7 @@ class Walker:
             self.checkpoints = index
             yield CheckpointEnd(index, self._last, offset=self._buf.offset)
             if to_end_of_input or self._last:
-                reason = "device-model-to-eof" if to_end_of_input else "last-checkpoint"
+                reason = to_end_of_input or "last-checkpoint"
                 yield EndOfStream(index, reason, offset=self._buf.offset)
                 break
             if index == 1 and self._compression_announced:
@@ -349,7 +351,8 @@ class Walker:
     # ---------------------------------------------------------------------------------------------
 
     def _checkpoint(self, start: int, first: memoryview | None):
-        """Returns True when the checkpoint ran to the end of input (QemuDeviceModelRecord).
+        """Returns the EndOfStream reason when the checkpoint ran to the end of input (QemuDeviceModelRecord,
+        or no device-model record at all where that is allowed), else False.
 
         The VCPU map is the last VCPU_INFO's, kept across checkpoints as the 4.5 restorer keeps it
         (its pagebuf is never reset); before any VCPU_INFO only VCPU 0 has a record.
@@ -554,8 +557,11 @@ class Walker:
         yield HvmContext(data, offset=at)
 
     def _device_model_record(self):
-        """The record after the HVM tail (spec 4.4); returns True when it ran to the end of input."""
+        """The record after the HVM tail (spec 4.4); returns the EndOfStream reason when it ran to the end
+        of input, else False."""
         at = self._buf.offset
+        if self._device_model_optional and not (yield Peek(c.DM_SIGNATURE_LEN)):
+            return "no-device-model"  # a bare libxc stream: libxl / xend append the record, libxc does not
         signature = bytes((yield Read(c.DM_SIGNATURE_LEN, "the device-model signature")))
         record_class = _DM_LENGTH_PREFIXED.get(signature)
         if record_class is not None:
@@ -589,7 +595,7 @@ class Walker:
             total += len(piece)
             yield DeviceModelData(piece, offset=piece_at)
         yield DeviceModelEnd(total, offset=self._buf.offset)
-        return True
+        return "device-model-to-eof"
 
     def _device_model_state(self, length: int):
         remaining = length

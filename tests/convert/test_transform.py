@@ -153,6 +153,26 @@ def test_device_model_state_beyond_one_record_is_a_stream_error(tmp_path, monkey
     assert len(libxl_records(data)[-2].body.data) == state
 
 
+def test_skip_qemu_takes_a_bare_libxc_hvm_stream_without_device_model_record(tmp_path):
+    """The device-model record is libxl's / xend's, not libxc's (spec 0.3): a bare libxc HVM stream ends
+    with the HVM context. Xen's converter reads no record with --skip-qemu and converts such a stream;
+    ours does too in libxc format with skip_qemu (same output as with the record skipped). Without
+    skip_qemu, or in libxl format, which carries the record, a missing record is still a truncation."""
+    full = build_stream(BuildOptions(**HVM))
+    dm = next(e for e in parse_bytes(full) if isinstance(e, ev.DeviceModelRecord))
+    bare = full[: dm.offset]
+    expected, _ = convert_bytes(full, tmp_path, fmt="libxc", skip_qemu=True)
+    data, result = convert_bytes(bare, tmp_path, fmt="libxc", skip_qemu=True)
+    assert data == expected and result.report.ok and result.summary.finished
+    for options in (dict(fmt="libxc"), dict(fmt="libxl", skip_qemu=True), dict(fmt="auto", skip_qemu=True)):
+        written, error = partial_output(bare, tmp_path, **options)
+        assert type(error).__name__ == "TruncatedStream" and error.offset == dm.offset
+        assert not has_end_record(written)
+    cut = full[: dm.offset + 5]  # a record that begins is read whole even with skip_qemu
+    written, error = partial_output(cut, tmp_path, fmt="libxc", skip_qemu=True)
+    assert type(error).__name__ == "TruncatedStream" and not has_end_record(written)
+
+
 def test_tmem_refused_in_one_line_without_end(tmp_path):
     stream = build_stream(BuildOptions(**PV, tmem=True, live_iterations=1))
     written, error = partial_output(stream, tmp_path)

@@ -154,6 +154,22 @@ def test_skip_qemu_identical_to_xen(xen_tools, tmp_path, name):
     assert convert_ours(data, tmp_path, fmt="libxc", skip_qemu=True) == theirs
 
 
+@pytest.mark.parametrize("name", ["hvm64", "hvm32-tools32", "hvm64-physmap-noname"])
+def test_skip_qemu_without_device_model_record_identical_to_xen(xen_tools, tmp_path, name):
+    """A bare libxc HVM stream has no device-model record (libxl / xend append it): Xen's converter
+    converts it with --skip-qemu, and so do we, byte for byte."""
+    from xenstream.legacy import events as ev
+    from xenstream.legacy.parser import parse_bytes
+
+    sample = SAMPLES[name]
+    data = (SAMPLES_DIR / sample.filename).read_bytes()
+    dm = next(e for e in parse_bytes(data) if isinstance(e, ev.DeviceModelRecord))
+    bare = data[: dm.offset]
+    code, theirs, stderr = run_xen_converter(xen_tools, bare, sample.options, "libxc", tmp_path, ["--skip-qemu"])
+    assert code == 0, stderr
+    assert convert_ours(bare, tmp_path, fmt="libxc", skip_qemu=True) == theirs
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", ["pv64-xl", "pv64-xl-migrate", "hvm64-xl-text"])
 def test_xl_save_file_is_xen_output_behind_the_header(xen_tools, tmp_path, name, fmt):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tests.legacy import handbuilt as hb
 from xenstream.legacy import events as ev
+from xenstream.legacy.errors import TruncatedStream
 from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser, parse_bytes
 from xenstream.legacy.toolstack import decode_libxl_toolstack, encode_libxl_toolstack
 
@@ -148,6 +149,20 @@ def test_device_model_record_forms():
     xenops = parse_bytes(data)
     record = next(e for e in xenops if isinstance(e, ev.XenopsQemuRecord))
     assert record.length == 8 and xenops[-1].reason == "last-checkpoint"
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_device_model_record_optional_for_a_bare_libxc_stream(last):
+    s = hb.minimal_hvm(last=last)
+    bare = s.bytes()[: s.marks["dm"]]
+    events = parse_bytes(bare, device_model_optional=True)
+    assert kinds(events)[-3:] == ["HvmContext", "CheckpointEnd", "EndOfStream"]
+    assert events[-1].reason == "no-device-model" and events[-1].last_checkpoint_complete
+    assert not any(isinstance(e, ev.DeviceModelRecord) for e in events)
+    with pytest.raises(TruncatedStream, match="device-model signature"):
+        parse_bytes(bare)  # required by default
+    with_record = parse_bytes(s.bytes(), device_model_optional=True)  # a record present is still read
+    assert kinds(with_record)[-5:] == kinds(parse_bytes(s.bytes()))[-5:]
 
 
 def test_large_device_model_state_comes_in_fixed_pieces():

@@ -16,7 +16,7 @@ test (which is itself the finding). The properties, beyond "no crash":
 The variant of each run (parser options, chunk size, output format, payload mode) is drawn from a CRC
 of the input, so an input always replays the same way: a crashing file is its own regression test.
 
-Targets: legacy-parse, legacy-compression, v2-read, v2-verify, convert, restore (see `TARGETS`).
+Targets: legacy-parse, legacy-compression, v2-read, v2-verify, convert, restore, restore-hvm (see `TARGETS`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from xenstream.v2.errors import StreamError as V2StreamError
 from xenstream.v2.events import NEED_DATA, EndOfStream, LibxcRecord, LibxlRecord, PagePayload
 from xenstream.v2.reader import LAYERS, V2Reader
 from xenstream.v2.restore import restore_new_domain
+from xenstream.v2.restore_hvm import restore_hvm_new_domain
 from xenstream.v2.verify import FORMATS as VERIFY_FORMATS
 from xenstream.v2.verify import verify_bytes, verify_fd
 from xenstream.v2.verify_report import Report
@@ -463,23 +464,38 @@ def _leftovers(xen: SimXen) -> str | None:
 
 
 def fuzz_restore(data: bytes) -> None:
-    """The PV restore engine on the simulated Xen: a failed restore leaves nothing behind."""
+    """The PV restore engine on the simulated Xen: a failed restore leaves nothing behind. Inputs are fed in
+    chunks, or (chosen by the input) read from a regular file, where worker threads fill the payloads."""
+    _restore_leaves_nothing(data, restore_new_domain, "restore", max_pages=1024)
+
+
+def fuzz_restore_hvm(data: bytes) -> None:
+    """The HVM restore engine on the simulated Xen, under the same property as fuzz_restore."""
+    _restore_leaves_nothing(data, restore_hvm_new_domain, "restore-hvm", max_pages=1024 + 64)
+
+
+def _restore_leaves_nothing(data: bytes, restore, where: str, *, max_pages: int) -> None:
     xen = _sim_host()
     chunk = _chunk_size(data, 41)
     max_vcpus = _pick(data, 42, (1, 2, 4))
+    from_file = _pick(data, 43, (False, True))
+    fd = _memfd(data) if from_file else None
     try:
-        result = restore_new_domain(xen, (data[i:i + chunk] for i in range(0, len(data), chunk)),
-                                    max_vcpus=max_vcpus, max_pages=1024, store_evtchn=1, console_evtchn=2)
+        source = fd if fd is not None else (data[i:i + chunk] for i in range(0, len(data), chunk))
+        result = restore(xen, source, max_vcpus=max_vcpus, max_pages=max_pages, store_evtchn=1, console_evtchn=2)
     except PROJECT_ERRORS as exc:
-        _check_error(exc, V2StreamError, data, "restore")
+        _check_error(exc, V2StreamError, data, where)
         left = _leftovers(xen)
         if left:
             _reset_host()
-            raise Violation(f"restore raised {exc!r} and left {left}") from exc
+            raise Violation(f"{where} raised {exc!r} and left {left}") from exc
         return
     except BaseException:
         _reset_host()  # the finding is reported by the caller; the next input needs a clean host
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     xen.destroy_domain(result.domid)
     left = _leftovers(xen)
     if left:
@@ -510,6 +526,7 @@ TARGETS = {target.name: target for target in (
     Target("v2-verify", fuzz_v2_verify, "v2", 1 << 18),
     Target("convert", fuzz_convert, "v1", 1 << 18),
     Target("restore", fuzz_restore, "v2", 1 << 19),
+    Target("restore-hvm", fuzz_restore_hvm, "v2", 1 << 19),
 )}
 
 
@@ -590,6 +607,60 @@ def _restore_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def _restore_hvm_seeds() -> dict[str, bytes]:
+    """An HVM guest saved by our v2 HVM engine, thinned to fit a fuzzer's input: the first 16 RAM pages and
+    every special page (the records restore checks against them stay); bare and inside a libxl stream."""
+    import io
+
+    from xenstream.hv.sim.builder_hvm import HvmGuest, HvmGuestSpec, build_hvm_guest
+    from xenstream.v2.save_hvm import save_hvm, save_hvm_libxl
+    from xenstream.v2.writer import V2Writer
+
+    spec = HvmGuestSpec.parse("hvm:mem=1M,vcpus=2,seed=5")
+    seeds = {}
+    for name, libxl in (("hvm-engine.libxc", False), ("hvm-engine.libxl", True)):
+        xen = SimXen(capacity_frames=spec.nr_pages + 4096, high_memory=False)
+        guest = HvmGuest(xen, build_hvm_guest(xen, spec))
+
+        def suspend(guest=guest) -> bool:
+            guest.suspend()
+            return True
+
+        out = io.BytesIO()
+        if libxl:
+            save_hvm_libxl(xen, guest.domid, V2Writer(out), suspend, lambda guest=guest: guest.built.emulator)
+        else:
+            save_hvm(xen, guest.domid, V2Writer(out), suspend)
+        seeds[name] = _thinned(out.getvalue(), lambda gfn: gfn < 16 or gfn >= spec.nr_pages)
+    return seeds
+
+
+def _thinned(stream: bytes, keep) -> bytes:
+    """`stream` with each PAGE_DATA record cut to the data pages of the gfns `keep` accepts (records left
+    with none dropped); every other record and the headers as they are."""
+    reader = V2Reader(layer="auto")
+    reader.feed(stream)
+    reader.feed(b"")
+    out, position = bytearray(), 0
+    while not isinstance(event := reader.next_event(), EndOfStream):
+        if not (isinstance(event, LibxcRecord) and event.type == C.REC_PAGE_DATA):
+            continue
+        out += stream[position:event.offset]
+        position = event.offset + 8 + event.length + (-event.length & 7)
+        head = event.offset + 16 + 8 * len(event.body.pfns)
+        words, pages, data_index = [], [], 0
+        for pfn, page_type in zip(event.body.pfns, event.body.types):
+            has_data = abi.pagetype_has_data(page_type)
+            if has_data and keep(pfn):
+                words.append((page_type << C.PFN_TYPE_SHIFT) | pfn)
+                pages.append(stream[head + data_index * abi.PAGE_SIZE:head + (data_index + 1) * abi.PAGE_SIZE])
+            data_index += has_data
+        if words:
+            body = struct.pack(f"<II{len(words)}Q", len(words), 0, *words) + b"".join(pages)
+            out += struct.pack("<II", C.REC_PAGE_DATA, len(body)) + body + bytes(-len(body) & 7)
+    return bytes(out + stream[position:])
+
+
 def _compression_seeds() -> dict[str, bytes]:
     from xenstream.legacy.delta_encode import encode_delta
 
@@ -616,4 +687,6 @@ def seed_corpus(target: Target) -> dict[str, bytes]:
     """Small valid inputs for the target, written by our own writers (name -> bytes)."""
     if target.name == "restore":
         return _restore_seeds()
+    if target.name == "restore-hvm":
+        return _restore_hvm_seeds()
     return _SEEDS[target.kind]()

@@ -1,7 +1,7 @@
 """`xenstream fuzz TARGET|all [--time N]`: coverage-guided fuzzing of everything that reads untrusted bytes.
 
 Targets (see xenstream.convert.fuzz_targets): legacy-parse, legacy-compression, v2-read, v2-verify,
-convert, restore; `all` shares --time between them. Each target runs in its own child process under
+convert, restore, restore-hvm; `all` shares --time between them. Each target runs in its own child process under
 atheris (libFuzzer over instrumented Python; `pip install atheris`, an optional dependency imported only
 here, only when fuzzing) with a structure-aware custom mutator (xenstream.convert.fuzz_mutators) half
 the time and libFuzzer's byte mutations the other half. Seeds: the committed corpus
@@ -297,7 +297,10 @@ COVERAGE = {
     "v2-verify": ("xenstream.v2",),
     "convert": ("xenstream.convert.transform", "xenstream.convert.pipeline", "xenstream.convert.fdmove",
                 "xenstream.legacy", "xenstream.v2.writer", "xenstream.v2.records", "xenstream.v2.libxl_records"),
-    "restore": ("xenstream.v2.restore", "xenstream.v2.reader", "xenstream.v2.records", "xenstream.hv"),
+    "restore": ("xenstream.v2.restore", "xenstream.v2.reader", "xenstream.v2.records", "xenstream.v2.positional_fill",
+                "xenstream.hv"),
+    "restore-hvm": ("xenstream.v2.restore_hvm", "xenstream.v2.reader", "xenstream.v2.records",
+                    "xenstream.v2.libxl_records", "xenstream.v2.positional_fill", "xenstream.hv"),
 }
 
 

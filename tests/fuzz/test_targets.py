@@ -225,3 +225,35 @@ def test_fuzz_command_rejects_an_unknown_target():
     done = _xenstream("fuzz", "nonsense", "--replay")
     assert done.returncode == 1
     assert "unknown target" in done.stderr
+
+
+def test_restore_hvm_target_reports_a_domain_left_behind(monkeypatch):
+    def leaky(xen, source, **kwargs):
+        xen.create_domain(max_vcpus=1, hvm=True)
+        raise MalformedStream("made up", 0)
+
+    monkeypatch.setattr(ft, "restore_hvm_new_domain", leaky)
+    with pytest.raises(ft.Violation, match="left"):
+        ft.fuzz_restore_hvm(b"\0" * 64)
+    ft._reset_host()
+
+
+@pytest.mark.parametrize("name", ["restore", "restore-hvm"])
+def test_restore_targets_seeds_restore_whole_both_ways(name):
+    """The committed seeds restore completely, fed in chunks and read from a file (the target picks one
+    of the two per input: both must start from inputs that get all the way through)."""
+    restore = ft.restore_new_domain if name == "restore" else ft.restore_hvm_new_domain
+    for path in _corpus(name):
+        data = path.read_bytes()
+        for source in ("chunks", "file"):
+            xen = ft.SimXen(capacity_frames=8192, high_memory=False)
+            fd = ft._memfd(data) if source == "file" else None
+            try:
+                result = restore(xen, fd if fd is not None else [data], max_vcpus=4, max_pages=1100,
+                                 store_evtchn=1, console_evtchn=2)
+            finally:
+                if fd is not None:
+                    import os
+
+                    os.close(fd)
+            assert result.pages_written > 0, (path.name, source)

@@ -178,9 +178,14 @@ def _read_into(fd: int, buffers: list[memoryview], offset: int) -> int:
         if not n:
             return sum(len(v) for v in vector) + sum(len(b) for b in buffers[index + _IOV_MAX:])
         offset += n
-        n += within
-        while index < len(buffers) and n >= len(buffers[index]):
-            n -= len(buffers[index])
-            index += 1
-        within = n
+        index, within = advance_cursor(buffers, index, within, n)
     return 0
+
+
+def advance_cursor(buffers, index: int, within: int, n: int) -> tuple[int, int]:
+    """The position (buffer index, offset within it) `n` bytes past (index, within) in consecutive `buffers`."""
+    within += n
+    while index < len(buffers) and within >= len(buffers[index]):
+        within -= len(buffers[index])
+        index += 1
+    return index, within

@@ -277,11 +277,7 @@ class PvRestorer:
         if n > reader.payload_remaining or self._sink is None:
             raise ValueError(f"payload_filled({n}) with {reader.payload_remaining} payload bytes pending")
         sink = self._sink
-        segments, index, within = sink.segments, sink.index, sink.within + n
-        while index < len(segments) and within >= len(segments[index]):
-            within -= len(segments[index])
-            index += 1
-        sink.index, sink.within = index, within
+        sink.index, sink.within = positional_fill.advance_cursor(sink.segments, sink.index, sink.within, n)
         reader.payload_consumed(n)
         if not reader.payload_remaining:
             self._sink_complete()
@@ -523,11 +519,7 @@ class PvRestorer:
                 raise TruncatedStream(f"truncated PAGE_DATA payload: {missing} bytes missing",
                                       self._page_record_offset)
             moved += n
-            n += within
-            while index < len(segments) and n >= len(segments[index]):
-                n -= len(segments[index])
-                index += 1
-            within = n
+            index, within = positional_fill.advance_cursor(segments, index, within, n)
         reader.payload_consumed(moved)
         self._sink_complete()
 

@@ -420,13 +420,9 @@ class HvmRestorer:
 
     def _advance(self, n: int) -> None:
         """Move the cursor over n bytes the kernel wrote into the targets."""
-        targets, index, within = self._targets, self._target_index, self._target_within
         self._payload_left -= n
-        n += within
-        while index < len(targets) and n >= len(targets[index]):
-            n -= len(targets[index])
-            index += 1
-        self._target_index, self._target_within = index, n
+        self._target_index, self._target_within = positional_fill.advance_cursor(
+            self._targets, self._target_index, self._target_within, n)
 
     def _tsc_info(self, body) -> None:
         self._call("set TSC info", self.hv.set_tsc_info, self.domid,

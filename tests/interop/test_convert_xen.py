@@ -35,7 +35,7 @@ from xenstream.legacy import constants as lc
 from xenstream.legacy import events as ev
 from xenstream.legacy.build import build_stream
 from xenstream.legacy.errors import UnsupportedStream
-from xenstream.legacy.parser import DONE, LegacyParser
+from xenstream.legacy.parser import parse_bytes
 from xenstream.legacy.writer import LegacyWriter
 
 pytestmark = pytest.mark.interop
@@ -57,13 +57,7 @@ TMEM_EVENTS = (ev.TmemHeader, ev.TmemPool, ev.TmemPage, ev.TmemPoolPagesEnd, ev.
 
 
 def _events(data: bytes) -> list:
-    parser = LegacyParser()
-    parser.feed(data)
-    parser.feed(b"")
-    events = []
-    while (event := parser.next_event()) is not DONE:
-        events.append(event)
-    return events
+    return parse_bytes(data)
 
 
 @attrs.frozen

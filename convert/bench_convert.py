@@ -67,6 +67,15 @@ def _ours() -> str:
     return f"{shlex.quote(sys.executable)} -m xenstream.convert.compat_convert"
 
 
+def _plain_python() -> str:
+    """The interpreter itself for Xen's converter, not a `python3` found on PATH: a version-manager shim
+    (pyenv's is a shell script) would add its own start-up, about 0.07 s here, to Xen's times only."""
+    for candidate in (os.path.join(sys.base_prefix, "bin", "python3"), sys.executable):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return "python3"
+
+
 def _interleaved(commands: dict[str, str], target: str, repeat: int) -> dict:
     """Each command `repeat` times, taking turns (cat, ours, ..., cat, ours, ...) so that a burst of load
     from elsewhere falls on all of them alike. Per command: (best run, peak RSS) or (None, exit code)."""
@@ -91,7 +100,7 @@ def _compare(source: str, target: str, repeat: int, xen: bool) -> int:
     gb = size / 1e9
     src, out = shlex.quote(source), shlex.quote(target)
     ours = _ours()
-    xen_command = f"PYTHONPATH={XEN_PYTHONPATH} python3 {XEN_CONVERTER} -w 64 -g pv"
+    xen_command = f"PYTHONPATH={XEN_PYTHONPATH} {shlex.quote(_plain_python())} {XEN_CONVERTER} -w 64 -g pv"
     measure(["cat", source], capture=False)  # into the page cache
     shapes = {
         "file -> file": {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import time
 from typing import Callable
 
@@ -30,9 +29,7 @@ from xenstream.convert.transform import ConvertOptions, Payload, Summary, Transf
 from xenstream.hv.lazylog import get_logger
 from xenstream.legacy.errors import MalformedStream
 from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser
-from xenstream.v2 import events as v2events
 from xenstream.v2.errors import StreamError as V2StreamError
-from xenstream.v2.reader import V2Reader
 from xenstream.v2.writer import V2Writer
 
 log = get_logger(__name__)
@@ -53,8 +50,12 @@ class InlineVerifier:
     """Our v2 verifier over the bytes as they are written; external payload bytes are only counted."""
 
     def __init__(self, checkpointed: bool):
-        from xenstream.v2.verify import Verifier  # only --verify pays for importing the rules
+        # Only --verify pays for importing the reader and the rules.
+        from xenstream.v2 import events as v2events
+        from xenstream.v2.reader import V2Reader
+        from xenstream.v2.verify import Verifier
 
+        self._events = v2events
         self.reader = V2Reader(layer="auto", payload="passthrough", strict=True)
         self.verifier = Verifier(fmt="auto", checkpointed=checkpointed)
         self._failed = False
@@ -86,10 +87,10 @@ class InlineVerifier:
                         continue
                     return
                 event = self.reader.next_event()
-                if event is v2events.NEED_DATA:
+                if event is self._events.NEED_DATA:
                     return
                 self.verifier.feed_event(event)
-                if isinstance(event, v2events.EndOfStream):
+                if isinstance(event, self._events.EndOfStream):
                     self._ended = True
                     return
         except V2StreamError as exc:
@@ -156,6 +157,8 @@ class FileSpool:
     checkpoint's data pages) and the state (one 4096-byte slot per pfn, sparse)."""
 
     def __init__(self, sink: OutputSink, directory: str | None = None):
+        import tempfile  # (only checkpointed conversions spool)
+
         self._sink = sink
         self._journal = tempfile.TemporaryFile(dir=directory)
         self._state = tempfile.TemporaryFile(dir=directory)

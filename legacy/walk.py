@@ -15,8 +15,8 @@ from __future__ import annotations
 import array
 import struct
 
-from xenstream.hv.abi import PAGE_SIZE
 from xenstream.hv import v1batch
+from xenstream.hv.abi import PAGE_SIZE
 from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy.buffer import InputBuffer

@@ -100,6 +100,9 @@ XL_KNOWN_MANDATORY_FLAGS = XL_FLAG_JSON | XL_FLAG_STREAMV2
 # xl's optional data holds the domain configuration (a few KiB); a larger claim is refused before buffering.
 XL_OPTIONAL_DATA_MAX = 16 << 20
 
+# Not a stream field: Linux's limit on the buffers of one readv/writev, which every fd driver here respects.
+IOV_MAX = 1024
+
 # ---- vcpu context sizes (Xen, tools/include/xen-foreign/reference.size) ----
 VCPU_CONTEXT_SIZE_64 = 5168
 VCPU_CONTEXT_SIZE_32 = 2800

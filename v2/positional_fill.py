@@ -25,10 +25,27 @@ from xenstream.v2 import constants as C
 from xenstream.v2.errors import TruncatedStream
 from xenstream.v2.events import LibxcRecord
 
-_IOV_MAX = 1024
 HEAD_READ = 16 << 10  # a whole PAGE_DATA head of 1024 pfns with little payload (a pread costs no extra read)
+SEQUENTIAL_HEAD_READ = 64 << 10  # in-order reads: what is read past a record head goes through Python
 WORKERS = 2
 MAX_QUEUED = 8  # payloads submitted and not yet taken by a worker: bounds how far parsing runs ahead
+
+
+def run_fd(restorer, fd: int, initial: bytes = b"") -> None:
+    """Feed `restorer` (PvRestorer or HvmRestorer in passthrough mode) the whole stream of `fd`, after
+    `initial` (bytes already read from it): by position with worker threads for a regular file, else in
+    order, each pending payload read by the restorer's `_receive_payload(fd)` straight into its targets."""
+    reader = restorer._reader
+    if initial:
+        reader.feed(initial)
+    if usable(fd):
+        run_positional(fd, restorer)
+        return
+    while not restorer._drain():
+        if reader.payload_remaining:
+            restorer._receive_payload(fd)
+        else:
+            reader.feed(os.read(fd, SEQUENTIAL_HEAD_READ))
 
 
 def run_positional(fd: int, restorer) -> None:
@@ -173,10 +190,10 @@ def _read_into(fd: int, buffers: list[memoryview], offset: int) -> int:
     """preadv `buffers` from `offset`; the number of bytes the file did not have (0 when all were read)."""
     index, within = 0, 0
     while index < len(buffers):
-        vector = [buffers[index][within:], *buffers[index + 1:index + _IOV_MAX]]
+        vector = [buffers[index][within:], *buffers[index + 1:index + C.IOV_MAX]]
         n = os.preadv(fd, vector, offset)
         if not n:
-            return sum(len(v) for v in vector) + sum(len(b) for b in buffers[index + _IOV_MAX:])
+            return sum(len(v) for v in vector) + sum(len(b) for b in buffers[index + C.IOV_MAX:])
         offset += n
         index, within = advance_cursor(buffers, index, within, n)
     return 0

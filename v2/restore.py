@@ -53,8 +53,6 @@ from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
 log = get_logger(__name__)
 
 INVALID = abi.INVALID_MFN
-HEAD_READ = 64 << 10  # small reads: what is read past a record head is payload that goes through Python
-_IOV_MAX = 1024
 _NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(t)} | {abi.PAGETYPE_XALLOC})
 # L1..L4 with the pin bit (XTAB, BROKEN, XALLOC share that bit but have no table level).
 _PINNED_TYPE = re.compile(rb"[\x09-\x0c]")
@@ -235,17 +233,7 @@ class PvRestorer:
         Passthrough mode: record heads are read in small pieces, and PAGE_DATA payloads go from the fd
         straight into the guest's frames with readv (pagetables through a scratch page to be localised).
         """
-        reader = self._reader
-        if initial:
-            reader.feed(initial)
-        if positional_fill.usable(fd):
-            positional_fill.run_positional(fd, self)
-            return self.finish()
-        while not self._drain():
-            if reader.payload_remaining:
-                self._receive_payload(fd)
-            else:
-                reader.feed(os.read(fd, HEAD_READ))
+        positional_fill.run_fd(self, fd, initial)
         return self.finish()
 
     def _submit_payload(self, fill: positional_fill.PositionalFill, position: int) -> int:
@@ -260,7 +248,7 @@ class PvRestorer:
         self._sink_complete()
         return remaining
 
-    def payload_targets(self, limit: int = _IOV_MAX) -> list[memoryview]:
+    def payload_targets(self, limit: int = C.IOV_MAX) -> list[memoryview]:
         """Passthrough mode, driven by feed(): up to `limit` writable buffers (guest frames, scratch pages for
         pagetables) where the next payload bytes of the pending PAGE_DATA record go, in order, for the
         driver to read into (then `payload_filled`); [] when no payload is pending."""
@@ -511,11 +499,11 @@ class PvRestorer:
         segments, index, within = sink.segments, sink.index, sink.within
         moved = 0
         while index < len(segments):
-            vector = [segments[index][within:], *segments[index + 1:index + _IOV_MAX]]
+            vector = [segments[index][within:], *segments[index + 1:index + C.IOV_MAX]]
             n = os.readv(fd, vector)
             if not n:
                 reader.payload_consumed(moved)
-                missing = sum(len(v) for v in vector) + sum(len(v) for v in segments[index + _IOV_MAX:])
+                missing = sum(len(v) for v in vector) + sum(len(v) for v in segments[index + C.IOV_MAX:])
                 raise TruncatedStream(f"truncated PAGE_DATA payload: {missing} bytes missing",
                                       self._page_record_offset)
             moved += n

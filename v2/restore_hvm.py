@@ -40,8 +40,6 @@ from xenstream.v2.restore import ToolstackHypervisor, restore_into_new_domain, s
 
 log = get_logger(__name__)
 
-HEAD_READ = 64 << 10
-_IOV_MAX = 1024
 _NEEDS_RAM = frozenset({t for t in abi.KNOWN_PAGETYPES if abi.pagetype_has_data(t)} | {abi.PAGETYPE_XALLOC})
 _FLAG = b"\x01"
 _NEEDS_RAM_FLAGS = bytes(int(t in _NEEDS_RAM) for t in range(256))  # translate tables over PAGE_DATA's type bytes
@@ -165,17 +163,7 @@ class HvmRestorer:
 
     def run_fd(self, fd: int, initial: bytes = b"") -> HvmRestoreResult:
         """Passthrough mode: read the stream from `fd`, page payloads straight into guest frames with readv."""
-        reader = self._reader
-        if initial:
-            reader.feed(initial)
-        if positional_fill.usable(fd):
-            positional_fill.run_positional(fd, self)
-            return self.finish()
-        while not self._drain():
-            if reader.payload_remaining:
-                self._receive_payload(fd)
-            else:
-                reader.feed(os.read(fd, HEAD_READ))
+        positional_fill.run_fd(self, fd, initial)
         return self.finish()
 
     def _drain(self) -> bool:
@@ -368,7 +356,7 @@ class HvmRestorer:
         while self._payload_left:
             if scratch is None:
                 index, within = self._target_index, self._target_within
-                vector = [self._targets[index][within:], *self._targets[index + 1:index + _IOV_MAX]]
+                vector = [self._targets[index][within:], *self._targets[index + 1:index + C.IOV_MAX]]
             else:
                 vector = [scratch[total - self._payload_left:]]
             n = os.readv(fd, vector)

@@ -47,8 +47,6 @@ from xenstream.v2.xl_header import XlHeader
 _RECORD_HEADER = struct.Struct("<II")
 _PAGE_DATA_HEAD = struct.Struct("<IIII")  # record type, length, count, reserved
 _ZEROS = bytes(8)
-# Linux IOV_MAX; os.writev fails with more buffers.
-_IOV_MAX = 1024
 
 
 def encode_record(record_type: int, body: bytes) -> bytes:
@@ -106,7 +104,7 @@ class V2Writer:
         pending = [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
         first = 0
         while first < len(pending):
-            written = os.writev(self._fd, pending[first : first + _IOV_MAX])
+            written = os.writev(self._fd, pending[first : first + C.IOV_MAX])
             self.position += written
             while written:
                 size = pending[first].nbytes

@@ -207,7 +207,10 @@ def vcpu_records(view: PvGuestView, vcpu_id: int) -> list:
     return records
 
 
-class _PvSaver:
+class EngineSaver:
+    """What the non-live PV and HVM savers (this module, v2.save_hvm) share: the domain, the writer,
+    the record and page counts, and the call of the suspend callback."""
+
     def __init__(self, hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], bool],
                  payload_fd: int | None) -> None:
         self.hv = hv
@@ -225,6 +228,13 @@ class _PvSaver:
     def _raw_record(self, record_type: int, body: bytes) -> None:
         self.writer.write(encode_record(record_type, body))
         self.records += 1
+
+    def _call_suspend(self) -> None:
+        if not self.suspend():
+            raise SaveError("the suspend callback failed", errno.EINVAL)
+
+
+class _PvSaver(EngineSaver):
 
     def run(self) -> SaveResult:
         try:
@@ -260,8 +270,7 @@ class _PvSaver:
                           records=self.records, bytes_written=self.writer.position)
 
     def _suspend(self, view: PvGuestView) -> None:
-        if not self.suspend():
-            raise SaveError("the suspend callback failed", errno.EINVAL)
+        self._call_suspend()
         self._require_suspended(view)
 
     def _require_suspended(self, view: PvGuestView) -> None:

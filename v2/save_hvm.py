@@ -37,8 +37,7 @@ from xenstream.hv.u64runs import consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.libxl_records import EmulatorContext, EmulatorXenstoreData, LibxcContext, LibxlEnd
 from xenstream.v2.records import DomainHeader, End, HvmContext, HvmParams, ImageHeader, StaticDataEnd, X86TscInfo
-from xenstream.v2.save import STREAM_VERSION, SaveError, policy_records
-from xenstream.v2.writer import encode_record
+from xenstream.v2.save import STREAM_VERSION, EngineSaver, SaveError, policy_records
 
 log = get_logger(__name__)
 
@@ -100,21 +99,11 @@ def code_set(codes) -> set[int]:
     return set(codes)
 
 
-class _HvmSaver:
+class _HvmSaver(EngineSaver):
     def __init__(self, hv: Hypervisor, domid: int, writer, suspend: Callable[[], bool],
                  qemu_logdirty: Callable[[bool], None] | None, payload_fd: int | None) -> None:
-        self.hv = hv
-        self.payload_fd = payload_fd
-        self.domid = domid
-        self.writer = writer
-        self.suspend = suspend
+        super().__init__(hv, domid, writer, suspend, payload_fd)
         self.qemu_logdirty = qemu_logdirty
-        self.records = 0
-        self.pages = 0
-
-    def _record(self, record) -> None:
-        self.writer.record(record)
-        self.records += 1
 
     def run(self) -> HvmSaveResult:
         hv, domid = self.hv, self.domid
@@ -131,12 +120,10 @@ class _HvmSaver:
         self.writer.domain_header(DomainHeader(guest_type=C.DOMAIN_TYPE_X86_HVM, xen_major=version.major,
                                                xen_minor=version.minor))
         for record_type, body in policy_records(hv, domid):
-            self.writer.write(encode_record(record_type, body))
-            self.records += 1
+            self._raw_record(record_type, body)
         self._record(StaticDataEnd())
 
-        if not self.suspend():
-            raise SaveError("the suspend callback failed")
+        self._call_suspend()
         self._require_suspended()
         self._send_memory(p2m_size)
         self._require_suspended()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import attrs
 
@@ -47,6 +48,20 @@ def hypervisor_call(what: str, call, *args, **kwargs):
         return call(*args, **kwargs)
     except HypervisorError as exc:
         raise GuestStateError(f"{what}: {exc}", exc.errno) from exc
+
+
+@contextmanager
+def shadow_off_afterwards(hv: Hypervisor, domid: int, log, message: str) -> Iterator[None]:
+    """Switch log-dirty (shadow) mode off when the block ends, however it ends (spec 3.8): every save
+    engine, v1 or v2, live or not, leaves the domain so. A failed switch-off is logged as `message` on the
+    engine's own `log`, not raised: cleanup must not hide the first error."""
+    try:
+        yield
+    finally:
+        try:
+            hv.shadow_off(domid)
+        except Exception as exc:
+            log.warning(message, domid=domid, error=str(exc))
 
 
 @attrs.define

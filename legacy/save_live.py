@@ -31,7 +31,7 @@ from collections.abc import Callable
 import attrs
 
 from xenstream.hv import abi
-from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
+from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call, shadow_off_afterwards
 from xenstream.hv.interface import Hypervisor, HypervisorError
 from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
@@ -231,10 +231,5 @@ def save_pv_legacy_live(hv: Hypervisor, domid: int, sink, *, toolstack_width: in
     writer = LegacyWriter(counting, width=toolstack_width)
     saver = _LegacyLiveSaver(hv, domid, writer, counting, toolstack_width, suspend, refuse_msrs, clock, guest_runs,
                              on_round)
-    try:
+    with shadow_off_afterwards(hv, domid, log, "shadow off failed during legacy live save cleanup"):
         return saver.run()
-    finally:
-        try:
-            hv.shadow_off(domid)
-        except Exception as exc:  # cleanup must not hide the first error
-            log.warning("shadow off failed during legacy live save cleanup", domid=domid, error=str(exc))

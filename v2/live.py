@@ -33,7 +33,7 @@ from collections.abc import Callable
 import attrs
 
 from xenstream.hv import abi, kernels
-from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
+from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call, shadow_off_afterwards
 from xenstream.hv.interface import Hypervisor, HypervisorError
 from xenstream.hv.lazylog import get_logger
 from xenstream.hv.pagetables import NORMALISE_BAD_MFN, NORMALISE_OK
@@ -52,6 +52,9 @@ from xenstream.v2.records import (
     X86TscInfo,
 )
 from xenstream.v2.save import (
+    _DATALESS_CODES,
+    _KNOWN_CODES,
+    _TABLE_CODES,
     STREAM_VERSION,
     SaveError,
     _first_bad_entry,
@@ -65,9 +68,6 @@ from xenstream.v2.writer import V2Writer, encode_record
 
 log = get_logger(__name__)
 
-_KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
-_DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
-_TABLE_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES if abi.pagetable_level(t))
 _DATALESS_OR_TABLE_CODES = _DATALESS_CODES | _TABLE_CODES
 _XTAB = abi.PFINFO_XTAB >> abi.PFINFO_LTAB_SHIFT
 _SET_BITS = [tuple(b for b in range(8) if byte >> b & 1) for byte in range(256)]
@@ -477,10 +477,5 @@ def save_pv_live(hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable
     """
     saver = _LiveSaver(hv, domid, writer, suspend, policy or XenPolicy(), clock, guest_runs, on_round, libxl,
                        checkpoint, payload_fd)
-    try:
+    with shadow_off_afterwards(hv, domid, log, "shadow off failed during live save cleanup"):
         return saver.run()
-    finally:
-        try:
-            hv.shadow_off(domid)
-        except Exception as exc:  # cleanup must not hide the first error
-            log.warning("shadow off failed during live save cleanup", domid=domid, error=str(exc))

@@ -83,6 +83,9 @@ def test_batch_words_agree_with_the_transformers_own(batch):
         patch.setattr(transform.v1batch, "_lib", None)
         twin = _outcome(lambda: bytes(_v2_pfn_words(entries, 100)))
     assert compiled == twin
+    # it answered itself where the batch is good, and declined (leaving the error to the twin) where not
+    answered = v1batch.legacy_batch_words(entries, entries.itemsize)
+    assert (bytes(answered) if answered is not None else None) == (twin[1] if twin[0] == "ok" else None)
 
 
 def test_declines_rather_than_judges_a_bad_batch():

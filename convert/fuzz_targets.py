@@ -52,6 +52,7 @@ from xenstream.v2.restore_hvm import restore_hvm_new_domain
 from xenstream.v2.verify import FORMATS as VERIFY_FORMATS
 from xenstream.v2.verify import verify_bytes, verify_fd
 from xenstream.v2.verify_report import Report
+from xenstream.v2.writer import encode_page_data_header
 
 PROJECT_ERRORS = (LegacyStreamError, V2StreamError)
 
@@ -648,16 +649,16 @@ def _thinned(stream: bytes, keep) -> bytes:
         out += stream[position:event.offset]
         position = event.offset + 8 + event.length + (-event.length & 7)
         head = event.offset + 16 + 8 * len(event.body.pfns)
-        words, pages, data_index = [], [], 0
+        pfns, types, pages, data_index = [], [], [], 0
         for pfn, page_type in zip(event.body.pfns, event.body.types):
             has_data = abi.pagetype_has_data(page_type)
             if has_data and keep(pfn):
-                words.append((page_type << C.PFN_TYPE_SHIFT) | pfn)
+                pfns.append(pfn)
+                types.append(page_type)
                 pages.append(stream[head + data_index * abi.PAGE_SIZE:head + (data_index + 1) * abi.PAGE_SIZE])
             data_index += has_data
-        if words:
-            body = struct.pack(f"<II{len(words)}Q", len(words), 0, *words) + b"".join(pages)
-            out += struct.pack("<II", C.REC_PAGE_DATA, len(body)) + body + bytes(-len(body) & 7)
+        if pfns:
+            out += encode_page_data_header(pfns, types) + b"".join(pages)
     return bytes(out + stream[position:])
 
 

@@ -97,23 +97,35 @@ def canonicalise_pagetable(view: PvGuestView, page: memoryview, level: int, pfn:
     return out.tobytes()
 
 
-class _LegacyPvSaver:
-    live = False  # the live saver (legacy.save_live) tolerates pagetable races
+class LegacySaver:
+    """What the v1 PV and HVM savers (this module, legacy.save_hvm) share: the domain, the writer and its
+    toolstack width, the page count, and the call of the suspend callback."""
 
     def __init__(self, hv: Hypervisor, domid: int, writer: LegacyWriter, toolstack_width: int,
-                 suspend: Callable[[], bool], refuse_msrs: bool) -> None:
+                 suspend: Callable[[], bool]) -> None:
         self.hv = hv
         self.domid = domid
         self.writer = writer
         self.width = toolstack_width
         self.suspend = suspend
-        self.refuse_msrs = refuse_msrs
         self.pages = 0
+
+    def _call_suspend(self) -> None:
+        if not self.suspend():
+            raise LegacySaveError("the suspend callback failed")
+
+
+class _LegacyPvSaver(LegacySaver):
+    live = False  # the live saver (legacy.save_live) tolerates pagetable races
+
+    def __init__(self, hv: Hypervisor, domid: int, writer: LegacyWriter, toolstack_width: int,
+                 suspend: Callable[[], bool], refuse_msrs: bool) -> None:
+        super().__init__(hv, domid, writer, toolstack_width, suspend)
+        self.refuse_msrs = refuse_msrs
 
     def run(self) -> LegacySaveResult:
         hv, domid = self.hv, self.domid
-        if not self.suspend():
-            raise LegacySaveError("the suspend callback failed")
+        self._call_suspend()
         try:
             view = PvGuestView.open(hv, domid)
         except GuestStateError as exc:
@@ -255,7 +267,12 @@ class _LegacyPvSaver:
 def save_pv_legacy(hv: Hypervisor, domid: int, sink, *, toolstack_width: int = 64,
                    suspend: Callable[[], bool], refuse_msrs: bool = False) -> LegacySaveResult:
     """Save PV domain `domid` as a non-live v1 stream written to `sink` (anything with write())."""
+    writer = legacy_writer(sink, toolstack_width)
+    return _LegacyPvSaver(hv, domid, writer, toolstack_width, suspend, refuse_msrs).run()
+
+
+def legacy_writer(sink, toolstack_width: int) -> LegacyWriter:
+    """The v1 writer for a save by a toolstack of this word size (32 or 64; ValueError otherwise)."""
     if toolstack_width not in TOOLSTACK_WIDTHS:
         raise ValueError(f"toolstack width must be 32 or 64, not {toolstack_width}")
-    writer = LegacyWriter(sink, width=toolstack_width)
-    return _LegacyPvSaver(hv, domid, writer, toolstack_width, suspend, refuse_msrs).run()
+    return LegacyWriter(sink, width=toolstack_width)

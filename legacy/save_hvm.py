@@ -32,7 +32,7 @@ from xenstream.hv.interface import Hypervisor
 from xenstream.hv.lazylog import get_logger
 from xenstream.legacy import constants as c
 from xenstream.legacy import events as ev
-from xenstream.legacy.save import TOOLSTACK_WIDTHS, LegacySaveError
+from xenstream.legacy.save import LegacySaveError, LegacySaver, legacy_writer
 from xenstream.legacy.writer import LegacyWriter
 
 log = get_logger(__name__)
@@ -69,25 +69,19 @@ def libxl_toolstack_blob(emulator: EmulatorState, width: int) -> bytes:
     return b"".join(out)
 
 
-class _LegacyHvmSaver:
+class _LegacyHvmSaver(LegacySaver):
     def __init__(self, hv: Hypervisor, domid: int, writer: LegacyWriter, width: int, suspend: Callable[[], bool],
                  emulator: Callable[[], EmulatorState], x87_fip_width_chunk: bool) -> None:
-        self.hv = hv
-        self.domid = domid
-        self.writer = writer
-        self.width = width
-        self.suspend = suspend
+        super().__init__(hv, domid, writer, width, suspend)
         self.emulator = emulator
         self.chunks = PARAM_CHUNK_ORDER + ((c.CHUNK_HVM_X87_FIP_WIDTH,) if x87_fip_width_chunk else ())
-        self.pages = 0
 
     def run(self) -> LegacyHvmSaveResult:
         hv, domid, write = self.hv, self.domid, self.writer.write
         info = hypervisor_call("domain info", hv.get_domain_info, domid)
         if not info.is_hvm:
             raise LegacySaveError(f"domain {domid} is PV; this engine saves HVM guests")
-        if not self.suspend():
-            raise LegacySaveError("the suspend callback failed")
+        self._call_suspend()
         if not hypervisor_call("domain info", hv.get_domain_info, domid).suspended:
             raise LegacySaveError(f"domain {domid} is not shut down for suspend")
         p2m_size = hypervisor_call("maximum gpfn", hv.get_max_gpfn, domid) + 1
@@ -159,7 +153,5 @@ def save_hvm_legacy(hv: Hypervisor, domid: int, sink, *, toolstack_width: int = 
                     emulator: Callable[[], EmulatorState], x87_fip_width_chunk: bool = False) -> LegacyHvmSaveResult:
     """Save HVM domain `domid` as a non-live v1 stream written to `sink` (anything with write());
     `emulator()` gives the device model's state once the guest is saved."""
-    if toolstack_width not in TOOLSTACK_WIDTHS:
-        raise ValueError(f"toolstack width must be 32 or 64, not {toolstack_width}")
-    writer = LegacyWriter(sink, width=toolstack_width)
+    writer = legacy_writer(sink, toolstack_width)
     return _LegacyHvmSaver(hv, domid, writer, toolstack_width, suspend, emulator, x87_fip_width_chunk).run()

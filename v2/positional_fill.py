@@ -98,9 +98,7 @@ class PositionalFill:
     def __init__(self, fd: int, workers: int = WORKERS) -> None:
         self.fd = fd
         self._jobs: deque = deque()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._busy = 0
+        self._changed = threading.Condition()
         self._serial = 0
         self._spans: dict[int, tuple[int, int]] = {}  # pfn bounds of the payloads queued or being read
         self._failure: tuple[int, int] | None = None  # (record offset, bytes missing) of the earliest short payload
@@ -140,7 +138,7 @@ class PositionalFill:
     def wait(self) -> None:
         """Return once every submitted payload is in place; raise TruncatedStream if one ended early."""
         with self._changed:
-            while self._jobs or self._busy:
+            while self._spans:  # (a payload keeps its span until it is read)
                 self._changed.wait()
             failure, error = self._failure, self._error
         if error is not None:
@@ -168,7 +166,6 @@ class PositionalFill:
                 if self._stopping:
                     return
                 serial, buffers, offset, record_offset = self._jobs.popleft()
-                self._busy += 1
                 self._changed.notify_all()
             missing, error = 0, None
             try:
@@ -177,7 +174,6 @@ class PositionalFill:
                 error = exc
             del buffers  # no view of guest memory outlives the job
             with self._changed:
-                self._busy -= 1
                 self._spans.pop(serial, None)
                 if error is not None and self._error is None:
                     self._error = error

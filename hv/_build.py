@@ -346,22 +346,28 @@ void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, 
     }
 }
 
+/* v1 pfn_type entries (u32 or u64, type nibble in bits 28-31): read by every legacy kernel below */
+#define V1_XTAB_ENTRY 0xF0000000ULL
+#define V1_PFN_MASK   0x0FFFFFFFULL
+
+static inline uint64_t v1_entry(const uint8_t *raw, unsigned entry_size, size_t i)
+{
+    if (entry_size == 8)
+        return load64(raw + i * 8);
+    uint32_t e32;
+    memcpy(&e32, raw + i * 4, 4);
+    return e32;
+}
+
 int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out)
 {
     int64_t data = 0;
     for (size_t i = 0; i < n; i++) {
-        uint64_t entry;
-        if (entry_size == 8) {
-            entry = load64(legacy + i * 8);
-        } else {
-            uint32_t e32;
-            memcpy(&e32, legacy + i * 4, 4);
-            entry = e32;
-        }
+        uint64_t entry = v1_entry(legacy, entry_size, i);
         uint32_t code = (uint32_t)entry & 0xF0000000u;
         if ((entry >> 32) || !known_code(code))
             return -1 - (int64_t)i;
-        out[i] = ((uint64_t)code << 32) | (entry & 0x0FFFFFFFULL);
+        out[i] = ((uint64_t)code << 32) | (entry & V1_PFN_MASK);
         data += has_data(code);
     }
     return data;
@@ -372,7 +378,7 @@ int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t
 {
     int64_t data = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!known_code(types[i]) || pfns[i] > 0x0FFFFFFFULL)
+        if (!known_code(types[i]) || pfns[i] > V1_PFN_MASK)
             return -1 - (int64_t)i;
         uint64_t entry = (uint64_t)types[i] | pfns[i];
         if (entry_size == 8) {
@@ -397,18 +403,6 @@ int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *mark
 }
 
 /* ---- v1 page batches (the converter's hot path; twins: legacy/walk.py and convert/transform.py) ---- */
-
-#define V1_XTAB_ENTRY 0xF0000000ULL
-#define V1_PFN_MASK   0x0FFFFFFFULL
-
-static inline uint64_t v1_entry(const uint8_t *raw, unsigned entry_size, size_t i)
-{
-    if (entry_size == 8)
-        return load64(raw + i * 8);
-    uint32_t e32;
-    memcpy(&e32, raw + i * 4, 4);
-    return e32;
-}
 
 static int cmp_u64(const void *a, const void *b)
 {
@@ -443,7 +437,7 @@ int64_t xs_check_legacy_batch(const uint8_t *raw, unsigned entry_size, size_t n,
         uint64_t pfn = entry & V1_PFN_MASK;
         if ((entry >> 32) || (type >= 5 && type <= 7) || (type != 0xF && pfn >= p2m_size))
             return -1;
-        data += type < 0xD;
+        data += has_data((uint32_t)entry);
         if (entry == V1_XTAB_ENTRY)
             continue;
         if (kept && pfn <= scratch[kept - 1])

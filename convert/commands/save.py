@@ -52,7 +52,8 @@ def build_suspendable(spec: GuestSpec) -> tuple[SimXen, PvGuest]:
     return xen, PvGuest(xen, built.domid, built.layout)
 
 
-def suspend_callback(guest: PvGuest):
+def suspend_callback(guest):
+    """The engines' suspend callback for a simulated guest (PV or HVM) that suspends itself."""
     def suspend() -> bool:
         guest.suspend()
         return True
@@ -60,30 +61,30 @@ def suspend_callback(guest: PvGuest):
     return suspend
 
 
-def run(args) -> int:
+def parse_save_spec(args, parse):
+    """The guest spec of `save --guest` read by `parse`, and the options checked; UsageError when not usable."""
     try:
-        spec = GuestSpec.parse(args.guest)
+        spec = parse(args.guest)
     except GuestSpecError as exc:
         raise UsageError(str(exc)) from None
     if args.toolstack_width != 64 and not args.legacy:
         raise UsageError("--toolstack-width only applies to --legacy saves")
-    xen, guest = build_suspendable(spec)
+    return spec
+
+
+def save_to_output(args, save_legacy, save_v2, errors=(SaveError, LegacySaveError, GuestStateError)) -> int:
+    """Run one save into `--output`: `save_legacy(sink)` (a buffered file) with --legacy, else `save_v2(fd)`;
+    each returns the summary line. A save failing with one of `errors` is reported and gives exit status 1."""
     fd, owned = fdio.open_output_fd(args.output)
     done = False
     try:
         if args.legacy:
             with open(fd, "wb", buffering=1 << 20, closefd=False) as sink:
-                result = save_pv_legacy(xen, guest.domid, sink, toolstack_width=args.toolstack_width,
-                                        suspend=suspend_callback(guest))
-            summary = (f"saved {spec} as a v1 stream ({result.toolstack_width}-bit toolstack): "
-                       f"p2m_size {result.p2m_size:#x}, {result.pages_written} pages")
+                summary = save_legacy(sink)
         else:
-            writer = V2Writer(fd)
-            result = save_pv(xen, guest.domid, writer, suspend_callback(guest), payload_fd=fd)
-            summary = (f"saved {spec} as a v2 stream: max_pfn {result.max_pfn:#x}, {result.pages_written} pages, "
-                       f"{result.records} records, {result.bytes_written} bytes")
+            summary = save_v2(fd)
         done = True
-    except (SaveError, LegacySaveError, GuestStateError) as exc:
+    except errors as exc:
         print(f"xenstream save: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -93,3 +94,21 @@ def run(args) -> int:
                 os.unlink(args.output)  # no half-written image left under the name asked for
     print(summary, file=sys.stderr)
     return 0
+
+
+def run(args) -> int:
+    spec = parse_save_spec(args, GuestSpec.parse)
+    xen, guest = build_suspendable(spec)
+
+    def save_legacy(sink) -> str:
+        result = save_pv_legacy(xen, guest.domid, sink, toolstack_width=args.toolstack_width,
+                                suspend=suspend_callback(guest))
+        return (f"saved {spec} as a v1 stream ({result.toolstack_width}-bit toolstack): "
+                f"p2m_size {result.p2m_size:#x}, {result.pages_written} pages")
+
+    def save_v2(fd: int) -> str:
+        result = save_pv(xen, guest.domid, V2Writer(fd), suspend_callback(guest), payload_fd=fd)
+        return (f"saved {spec} as a v2 stream: max_pfn {result.max_pfn:#x}, {result.pages_written} pages, "
+                f"{result.records} records, {result.bytes_written} bytes")
+
+    return save_to_output(args, save_legacy, save_v2)

@@ -9,13 +9,8 @@ magic pfns, HVM context, "DeviceModelRecord0002"). Other specs go to the PV save
 
 from __future__ import annotations
 
-import os
-import sys
-
-from xenstream.convert import fdio
-from xenstream.convert.edge import UsageError
+from xenstream.convert.commands.save import parse_save_spec, save_to_output, suspend_callback
 from xenstream.hv import abi
-from xenstream.hv.sim.builder import GuestSpecError
 from xenstream.hv.sim.builder_hvm import HvmGuest, HvmGuestSpec, build_hvm_guest
 from xenstream.hv.sim.xen import SimXen
 from xenstream.legacy.save import LegacySaveError
@@ -37,46 +32,26 @@ def build_suspendable_hvm(spec: HvmGuestSpec) -> tuple[SimXen, HvmGuest]:
 
 
 def run_hvm(args) -> int:
-    try:
-        spec = HvmGuestSpec.parse(args.guest)
-    except GuestSpecError as exc:
-        raise UsageError(str(exc)) from None
-    if args.toolstack_width != 64 and not args.legacy:
-        raise UsageError("--toolstack-width only applies to --legacy saves")
+    spec = parse_save_spec(args, HvmGuestSpec.parse)
     xen, guest = build_suspendable_hvm(spec)
-
-    def suspend() -> bool:
-        guest.suspend()
-        return True
 
     def emulator():
         return guest.built.emulator
 
-    fd, owned = fdio.open_output_fd(args.output)
-    done = False
-    try:
-        if args.legacy:
-            with open(fd, "wb", buffering=1 << 20, closefd=False) as sink:
-                result = save_hvm_legacy(xen, guest.domid, sink, toolstack_width=args.toolstack_width,
-                                         suspend=suspend, emulator=emulator)
-            summary = (f"saved {spec} as a v1 stream ({result.toolstack_width}-bit toolstack): "
-                       f"p2m_size {result.p2m_size:#x}, {result.pages_written} pages, {result.param_chunks} param chunks")
-        else:
-            result = save_hvm_libxl(xen, guest.domid, V2Writer(fd), suspend, emulator, payload_fd=fd)
-            summary = (f"saved {spec} as a v2 libxl stream: p2m_size {result.p2m_size:#x}, {result.pages_written} pages, "
-                       f"{result.records} libxc records, {len(result.params)} params, "
-                       f"HVM context {result.context_length} bytes")
-        done = True
-    except (SaveError, LegacySaveError) as exc:
-        print(f"xenstream save: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if owned:
-            os.close(fd)
-            if not done:
-                os.unlink(args.output)
-    print(summary, file=sys.stderr)
-    return 0
+    def save_legacy(sink) -> str:
+        result = save_hvm_legacy(xen, guest.domid, sink, toolstack_width=args.toolstack_width,
+                                 suspend=suspend_callback(guest), emulator=emulator)
+        return (f"saved {spec} as a v1 stream ({result.toolstack_width}-bit toolstack): "
+                f"p2m_size {result.p2m_size:#x}, {result.pages_written} pages, {result.param_chunks} param chunks")
+
+    def save_v2(fd: int) -> str:
+        result = save_hvm_libxl(xen, guest.domid, V2Writer(fd), suspend_callback(guest), emulator, payload_fd=fd)
+        return (f"saved {spec} as a v2 libxl stream: p2m_size {result.p2m_size:#x}, {result.pages_written} pages, "
+                f"{result.records} libxc records, {len(result.params)} params, "
+                f"HVM context {result.context_length} bytes")
+
+    # Unlike the PV command, the HVM one has never turned GuestStateError into exit status 1; kept as it was.
+    return save_to_output(args, save_legacy, save_v2, errors=(SaveError, LegacySaveError))
 
 
 def register(subparsers) -> None:

@@ -58,9 +58,6 @@ class LazyLogger:
     def bind(self, **values) -> LazyLogger:
         return LazyLogger(self._name, {**self._context, **values})
 
-    def new(self, **values) -> LazyLogger:
-        return LazyLogger(self._name, dict(values))
-
     def __getattr__(self, method: str):
         level = _LEVELS.get(method)
         if level is not None and _threshold is not None and level < _threshold and "structlog" not in sys.modules:

@@ -85,22 +85,10 @@ class GuestSpec:
         if not match:
             raise GuestSpecError(f"guest spec {text!r} must start with pv64: or pv32:")
         width = abi.WIDTH_64 if match.group(1) == "pv64" else abi.WIDTH_32
-        fields: dict[str, str] = {}
-        for item in filter(None, match.group(2).split(",")):
-            key, sep, value = item.partition("=")
-            if not sep or key not in ("mem", "vcpus", "online", "seed", "p2m", "maxmem") or key in fields:
-                raise GuestSpecError(f"bad guest spec item {item!r}")
-            fields[key] = value
-        if "mem" not in fields:
-            raise GuestSpecError("guest spec needs mem=")
-        mem = _size(fields["mem"])
-        maxmem = _size(fields["maxmem"]) if "maxmem" in fields else mem
-        try:
-            vcpus = int(fields.get("vcpus", "1"))
-            online = int(fields.get("online", str(vcpus)))
-            seed = int(fields.get("seed", "0"))
-        except ValueError as exc:
-            raise GuestSpecError(str(exc)) from None
+        fields = spec_fields(match.group(2), ("mem", "vcpus", "online", "seed", "p2m", "maxmem"))
+        mem = memory_size(fields["mem"])
+        maxmem = memory_size(fields["maxmem"]) if "maxmem" in fields else mem
+        vcpus, online, seed = spec_counts(fields)
         if mem % abi.PAGE_SIZE or mem < 64 * abi.PAGE_SIZE:
             raise GuestSpecError("mem must be a whole number of pages, at least 256K")
         if maxmem % abi.PAGE_SIZE or maxmem < mem:
@@ -143,7 +131,33 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _size(text: str) -> int:
+def spec_fields(items: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """The key=value items of a guest spec (the text after its kind prefix), each key one of `keys` and
+    given once; mem= is required (GuestSpecError otherwise). Shared by the PV and HVM specs."""
+    fields: dict[str, str] = {}
+    for item in filter(None, items.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in keys or key in fields:
+            raise GuestSpecError(f"bad guest spec item {item!r}")
+        fields[key] = value
+    if "mem" not in fields:
+        raise GuestSpecError("guest spec needs mem=")
+    return fields
+
+
+def spec_counts(fields: dict[str, str]) -> tuple[int, int, int]:
+    """vcpus (default 1), online (default all vcpus) and seed (default 0) of a guest spec's fields."""
+    try:
+        vcpus = int(fields.get("vcpus", "1"))
+        online = int(fields.get("online", str(vcpus)))
+        seed = int(fields.get("seed", "0"))
+    except ValueError as exc:
+        raise GuestSpecError(str(exc)) from None
+    return vcpus, online, seed
+
+
+def memory_size(text: str) -> int:
+    """Bytes of a spec size such as 256M, 1G, 512K or 4096."""
     size = _SIZE_RE.match(text)
     if not size:
         raise GuestSpecError(f"bad memory size {text!r}")

@@ -29,7 +29,7 @@ import attrs
 from xenstream.hv import abi, hvm_context, hvm_params
 from xenstream.hv.emulator import EmulatorState, PhysmapRange
 from xenstream.hv.interface import CpuPolicy, TscInfo
-from xenstream.hv.sim.builder import GuestSpecError
+from xenstream.hv.sim.builder import GuestSpecError, memory_size, spec_counts, spec_fields
 from xenstream.hv.sim.xen import SimXen
 
 VGA_HOLE = range(0xA0, 0xC0)
@@ -49,8 +49,6 @@ STORE_EVTCHN = 1
 CONSOLE_EVTCHN = 2
 CONTENT_POOL = 8 << 20
 _SPEC_RE = re.compile(r"^hvm:(.*)$")
-_SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _MAX_VCPUS = 128
 
 
@@ -68,24 +66,9 @@ class HvmGuestSpec:
         match = _SPEC_RE.match(text.strip())
         if not match:
             raise GuestSpecError(f"guest spec {text!r} must start with hvm:")
-        fields: dict[str, str] = {}
-        for item in filter(None, match.group(1).split(",")):
-            key, sep, value = item.partition("=")
-            if not sep or key not in ("mem", "vcpus", "online", "seed") or key in fields:
-                raise GuestSpecError(f"bad guest spec item {item!r}")
-            fields[key] = value
-        if "mem" not in fields:
-            raise GuestSpecError("guest spec needs mem=")
-        size = _SIZE_RE.match(fields["mem"])
-        if not size:
-            raise GuestSpecError(f"bad memory size {fields['mem']!r}")
-        mem = int(size.group(1)) * _UNITS[size.group(2).upper()]
-        try:
-            vcpus = int(fields.get("vcpus", "1"))
-            online = int(fields.get("online", str(vcpus)))
-            seed = int(fields.get("seed", "0"))
-        except ValueError as exc:
-            raise GuestSpecError(str(exc)) from None
+        fields = spec_fields(match.group(1), ("mem", "vcpus", "online", "seed"))
+        mem = memory_size(fields["mem"])
+        vcpus, online, seed = spec_counts(fields)
         if mem % abi.PAGE_SIZE or mem < (1 << 20):
             raise GuestSpecError("mem must be a whole number of pages, at least 1M")
         if not 1 <= online <= vcpus <= _MAX_VCPUS:

@@ -248,6 +248,30 @@ def timed_engine(call: Callable) -> tuple[object, float, int]:
     return result, seconds, (_status_kib("VmHWM") - before) * 1024
 
 
+def timed_save(path: str, save: Callable[[int], object]) -> tuple[object, float, int, int]:
+    """`save(fd)` timed (timed_engine) writing a new file at `path`: its result, seconds, extra peak RSS
+    and the size of the file it wrote. For the "save" child of a save/restore benchmark."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        result, seconds, extra_rss = timed_engine(lambda: save(fd))
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return result, seconds, extra_rss, size
+
+
+def timed_restore(xen, path: str, restore: Callable[[int], object]) -> dict:
+    """The "restore" child's figures: `restore(fd)` of the image at `path` into the simulated host `xen`,
+    timed (timed_engine) after the host's RAM is made resident."""
+    make_resident(xen.machine.memview)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _, seconds, extra_rss = timed_engine(lambda: restore(fd))
+    finally:
+        os.close(fd)
+    return {"seconds": seconds, "extra_rss": extra_rss}
+
+
 def make_resident(memory) -> None:
     """Touch every page of a simulated host's RAM: a real host's memory exists before a restore starts
     (the simulator maps host memory lazily, and first-touch faults are not the engine's cost)."""

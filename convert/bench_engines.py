@@ -19,16 +19,14 @@ ratios >= 0.5 and extra RSS < 64 MiB.
 
 from __future__ import annotations
 
-import os
-
 from xenstream.convert.bench import (
     Benchmark,
     add_engine_arguments,
     child_main,
-    make_resident,
     register,
     run_save_restore,
-    timed_engine,
+    timed_restore,
+    timed_save,
 )
 
 TARGET_RATIO = 0.5
@@ -56,12 +54,8 @@ def _child_save(spec_text: str, path: str) -> dict:
     from xenstream.v2.writer import V2Writer
 
     xen, guest = build_suspendable(GuestSpec.parse(spec_text))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        result, seconds, extra_rss = timed_engine(
-            lambda: save_pv(xen, guest.domid, V2Writer(fd), suspend_callback(guest), payload_fd=fd))
-    finally:
-        os.close(fd)
+    result, seconds, extra_rss, _ = timed_save(
+        path, lambda fd: save_pv(xen, guest.domid, V2Writer(fd), suspend_callback(guest), payload_fd=fd))
     return {"seconds": seconds, "extra_rss": extra_rss, "bytes": result.bytes_written}
 
 
@@ -72,14 +66,8 @@ def _child_restore(spec_text: str, path: str) -> dict:
 
     spec = GuestSpec.parse(spec_text)
     xen = SimXen(capacity_frames=2 * spec.nr_pages + 8192)
-    make_resident(xen.machine.memview)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _, seconds, extra_rss = timed_engine(
-            lambda: restore_new_domain(xen, fd, max_vcpus=spec.vcpus, max_pages=spec.nr_pages))
-    finally:
-        os.close(fd)
-    return {"seconds": seconds, "extra_rss": extra_rss}
+    return timed_restore(xen, path, lambda fd: restore_new_domain(xen, fd, max_vcpus=spec.vcpus,
+                                                                  max_pages=spec.nr_pages))
 
 
 _CHILDREN = {"save": _child_save, "restore": _child_restore}

@@ -13,16 +13,14 @@ A ratio is baseline time / engine time. Targets: both ratios >= 0.6 and extra RS
 
 from __future__ import annotations
 
-import os
-
 from xenstream.convert.bench import (
     Benchmark,
     add_engine_arguments,
     child_main,
-    make_resident,
     register,
     run_save_restore,
-    timed_engine,
+    timed_restore,
+    timed_save,
 )
 
 TARGET_RATIO = 0.6
@@ -39,24 +37,16 @@ def run(args) -> int:
 
 
 def _child_save(spec_text: str, path: str) -> dict:
+    from xenstream.convert.commands.save import suspend_callback
     from xenstream.convert.commands.save_hvm import build_suspendable_hvm
     from xenstream.hv.sim.builder_hvm import HvmGuestSpec
     from xenstream.v2.save_hvm import save_hvm_libxl
     from xenstream.v2.writer import V2Writer
 
     xen, guest = build_suspendable_hvm(HvmGuestSpec.parse(spec_text))
-
-    def suspend() -> bool:
-        guest.suspend()
-        return True
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        result, seconds, extra_rss = timed_engine(
-            lambda: save_hvm_libxl(xen, guest.domid, V2Writer(fd), suspend, lambda: guest.built.emulator, payload_fd=fd))
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+    result, seconds, extra_rss, size = timed_save(
+        path, lambda fd: save_hvm_libxl(xen, guest.domid, V2Writer(fd), suspend_callback(guest),
+                                        lambda: guest.built.emulator, payload_fd=fd))
     return {"seconds": seconds, "extra_rss": extra_rss, "bytes": size, "pages": result.pages_written}
 
 
@@ -67,14 +57,8 @@ def _child_restore(spec_text: str, path: str) -> dict:
 
     spec = HvmGuestSpec.parse(spec_text)
     xen = SimXen(capacity_frames=spec.nr_pages + 8192)
-    make_resident(xen.machine.memview)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _, seconds, extra_rss = timed_engine(
-            lambda: restore_hvm_new_domain(xen, fd, max_vcpus=spec.vcpus, max_pages=spec.nr_pages + 16))
-    finally:
-        os.close(fd)
-    return {"seconds": seconds, "extra_rss": extra_rss}
+    return timed_restore(xen, path, lambda fd: restore_hvm_new_domain(xen, fd, max_vcpus=spec.vcpus,
+                                                                      max_pages=spec.nr_pages + 16))
 
 
 _CHILDREN = {"save": _child_save, "restore": _child_restore}

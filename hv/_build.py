@@ -28,9 +28,6 @@ int64_t xs_normalise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *le
 int64_t xs_localise_pages(const xs_tables *t, uint8_t *pages, const uint8_t *levels, size_t n,
                           uint64_t *missing, int64_t *err);
 int64_t xs_pack_page_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint64_t *out);
-int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, uint64_t *pfns,
-                             uint32_t *types);
-int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_index, uint8_t *levels);
 int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t max_mfn, const uint16_t *owner,
                         uint8_t *ptype, uint32_t *tcount, const uint8_t *flags, uint16_t domid,
                         uint64_t refused, uint8_t writable_type, uint8_t special_flag, uint32_t *taken,
@@ -42,9 +39,6 @@ int64_t xs_slot_runs(const int64_t *slots, size_t n, uint32_t *starts, uint32_t 
 void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, uint64_t max_mfn,
                         const uint16_t *owner, const uint8_t *ptype, const uint32_t *tcount,
                         const uint8_t *flags, uint16_t domid, const uint8_t *type_levels, uint32_t *codes);
-int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out);
-int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
-                             unsigned entry_size);
 int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *marks, size_t marks_len);
 int64_t xs_check_legacy_batch(const uint8_t *raw, unsigned entry_size, size_t n, uint64_t p2m_size,
                               uint64_t *scratch);
@@ -203,39 +197,6 @@ int64_t xs_pack_page_words(const uint64_t *pfns, const uint32_t *types, size_t n
     return data;
 }
 
-int64_t xs_unpack_page_words(const uint64_t *words, size_t n, uint64_t max_pfn, uint64_t *pfns,
-                             uint32_t *types)
-{
-    int64_t data = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t pfn = words[i] & PFN_MASK_V2;
-        uint32_t code = (uint32_t)(words[i] >> 32) & 0xF0000000u;
-        if (!known_code(code) || pfn > max_pfn)
-            return -1 - (int64_t)i;
-        pfns[i] = pfn;
-        types[i] = code;
-        data += has_data(code);
-    }
-    return data;
-}
-
-int64_t xs_classify_page_types(const uint32_t *codes, size_t n, uint32_t *data_index, uint8_t *levels)
-{
-    int64_t count = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint32_t code = codes[i];
-        if (!known_code(code))
-            return -1 - (int64_t)i;
-        if (!has_data(code))
-            continue;
-        unsigned level = (code >> 28) & 7;
-        data_index[count] = (uint32_t)i;
-        levels[count] = (uint8_t)(level >= 1 && level <= 4 ? level : 0);
-        count++;
-    }
-    return count;
-}
-
 /* The simulator's L1 validation (twin: xenstream.hv.sim.hotpaths). */
 int64_t xs_take_l1_refs(const uint8_t *page, const uint32_t *ext_of, uint64_t max_mfn, const uint16_t *owner,
                         uint8_t *ptype, uint32_t *tcount, const uint8_t *flags, uint16_t domid,
@@ -346,7 +307,17 @@ void xs_page_type_codes(const uint64_t *mfns, size_t n, const uint32_t *ext_of, 
     }
 }
 
-/* v1 pfn_type entries (u32 or u64, type nibble in bits 28-31): read by every legacy kernel below */
+int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *marks, size_t marks_len)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (pfns[i] < low || pfns[i] - low >= marks_len)
+            return -1 - (int64_t)i;
+        marks[pfns[i] - low] = 1;
+    }
+    return (int64_t)n;
+}
+
+/* v1 pfn_type entries (u32 or u64, type nibble in bits 28-31): read by the legacy kernels below */
 #define V1_XTAB_ENTRY 0xF0000000ULL
 #define V1_PFN_MASK   0x0FFFFFFFULL
 
@@ -357,49 +328,6 @@ static inline uint64_t v1_entry(const uint8_t *raw, unsigned entry_size, size_t 
     uint32_t e32;
     memcpy(&e32, raw + i * 4, 4);
     return e32;
-}
-
-int64_t xs_legacy_to_page_words(const uint8_t *legacy, unsigned entry_size, size_t n, uint64_t *out)
-{
-    int64_t data = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t entry = v1_entry(legacy, entry_size, i);
-        uint32_t code = (uint32_t)entry & 0xF0000000u;
-        if ((entry >> 32) || !known_code(code))
-            return -1 - (int64_t)i;
-        out[i] = ((uint64_t)code << 32) | (entry & V1_PFN_MASK);
-        data += has_data(code);
-    }
-    return data;
-}
-
-int64_t xs_pack_legacy_words(const uint64_t *pfns, const uint32_t *types, size_t n, uint8_t *out,
-                             unsigned entry_size)
-{
-    int64_t data = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!known_code(types[i]) || pfns[i] > V1_PFN_MASK)
-            return -1 - (int64_t)i;
-        uint64_t entry = (uint64_t)types[i] | pfns[i];
-        if (entry_size == 8) {
-            store64(out + i * 8, entry);
-        } else {
-            uint32_t e32 = (uint32_t)entry;
-            memcpy(out + i * 4, &e32, 4);
-        }
-        data += has_data(types[i]);
-    }
-    return data;
-}
-
-int64_t xs_mark_pfns(const uint64_t *pfns, size_t n, uint64_t low, uint8_t *marks, size_t marks_len)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (pfns[i] < low || pfns[i] - low >= marks_len)
-            return -1 - (int64_t)i;
-        marks[pfns[i] - low] = 1;
-    }
-    return (int64_t)n;
 }
 
 /* ---- v1 page batches (the converter's hot path; twins: legacy/walk.py and convert/transform.py) ---- */

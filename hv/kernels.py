@@ -6,10 +6,6 @@
     normalise_pages(tables, pages, levels, status) -> failed page count
     localise_pages(tables, pages, levels, missing) -> missing pfn count (0 = rewritten)
     pack_page_words(pfns, types, out) -> data-bearing count
-    unpack_page_words(words, max_pfn, pfns_out, types_out) -> data-bearing count
-    classify_page_types(codes, data_index, levels) -> data-bearing count (positions + table levels)
-    legacy_to_page_words(legacy, out) -> data-bearing count
-    pack_legacy_words(pfns, types, out) -> data-bearing count
     mark_pfns(pfns, low, marks) -> pfn count (marks[pfn - low] = 1)
 
 Set XENSTREAM_KERNELS=python to force the twins (tests use both).
@@ -28,14 +24,10 @@ PYTHON_KERNELS = {
     "normalise_pages": pagetables.python_normalise_pages,
     "localise_pages": pagetables.python_localise_pages,
     "pack_page_words": pagetables.python_pack_page_words,
-    "unpack_page_words": pagetables.python_unpack_page_words,
-    "classify_page_types": pagetables.python_classify_page_types,
     "take_l1_refs": hotpaths.python_take_l1_refs,
     "frame_slots": hotpaths.python_frame_slots,
     "slot_runs": hotpaths.python_slot_runs,
     "page_type_codes": hotpaths.python_page_type_codes,
-    "legacy_to_page_words": pagetables.python_legacy_to_page_words,
-    "pack_legacy_words": pagetables.python_pack_legacy_words,
     "mark_pfns": pagetables.python_mark_pfns,
 }
 
@@ -114,27 +106,6 @@ def load_compiled_kernels() -> dict | None:
                      types[-1 - result:-result], [0])
         return result
 
-    def unpack_page_words(words, max_pfn: int, pfns_out, types_out) -> int:
-        words = as_u64(words)
-        result = lib.xs_unpack_page_words(ffi.from_buffer("uint64_t[]", words), len(words), max_pfn,
-                                          ffi.from_buffer("uint64_t[]", pfns_out, require_writable=True),
-                                          ffi.from_buffer("uint32_t[]", types_out, require_writable=True))
-        if result < 0:
-            _reraise(-1 - result, pagetables.python_unpack_page_words, words[-1 - result:-result], max_pfn,
-                     [0], [0])
-        return result
-
-    def classify_page_types(codes, data_index, levels) -> int:
-        codes = as_u32(codes)
-        if len(data_index) < len(codes) or len(levels) < len(codes):
-            raise ValueError("output buffers shorter than the batch")
-        result = lib.xs_classify_page_types(ffi.from_buffer("uint32_t[]", codes), len(codes),
-                                            ffi.from_buffer("uint32_t[]", data_index, require_writable=True),
-                                            ffi.from_buffer("uint8_t[]", levels, require_writable=True))
-        if result < 0:
-            _reraise(-1 - result, pagetables.python_classify_page_types, codes[-1 - result:-result], [0], [0])
-        return result
-
     def take_l1_refs(page, ext_of, max_mfn, owner, ptype, tcount, flags, domid, refused, writable_type,
                      special_flag, taken, taken_count) -> int:
         out = ffi.new("int64_t *")
@@ -166,25 +137,6 @@ def load_compiled_kernels() -> dict | None:
                                ffi.from_buffer("uint32_t[]", tcount), ffi.from_buffer("uint8_t[]", flags), domid,
                                type_levels, ffi.from_buffer("uint32_t[]", codes, require_writable=True))
 
-    def legacy_to_page_words(legacy, out) -> int:
-        if not isinstance(legacy, array) or legacy.typecode not in ("I", "L", "Q"):
-            legacy = array("Q", legacy)
-        result = lib.xs_legacy_to_page_words(ffi.from_buffer("uint8_t[]", legacy), legacy.itemsize, len(legacy),
-                                             ffi.from_buffer("uint64_t[]", out, require_writable=True))
-        if result < 0:
-            _reraise(-1 - result, pagetables.python_legacy_to_page_words, legacy[-1 - result:-result], [0])
-        return result
-
-    def pack_legacy_words(pfns, types, out) -> int:
-        pfns, types = as_u64(pfns), as_u32(types)
-        n = min(len(pfns), len(types))
-        result = lib.xs_pack_legacy_words(ffi.from_buffer("uint64_t[]", pfns), ffi.from_buffer("uint32_t[]", types),
-                                          n, ffi.from_buffer("uint8_t[]", out, require_writable=True), out.itemsize)
-        if result < 0:
-            _reraise(-1 - result, pagetables.python_pack_legacy_words, pfns[-1 - result:-result],
-                     types[-1 - result:-result], [0])
-        return result
-
     def mark_pfns(pfns, low: int, marks) -> int:
         pfns = as_u64(pfns)
         if not pfns:
@@ -199,14 +151,10 @@ def load_compiled_kernels() -> dict | None:
         "normalise_pages": normalise_pages,
         "localise_pages": localise_pages,
         "pack_page_words": pack_page_words,
-        "unpack_page_words": unpack_page_words,
-        "classify_page_types": classify_page_types,
         "take_l1_refs": take_l1_refs,
         "frame_slots": frame_slots,
         "slot_runs": slot_runs,
         "page_type_codes": page_type_codes,
-        "legacy_to_page_words": legacy_to_page_words,
-        "pack_legacy_words": pack_legacy_words,
         "mark_pfns": mark_pfns,
     }
 
@@ -234,16 +182,12 @@ _SELECTED = _CFFI if _CFFI is not None else PYTHON_KERNELS
 normalise_pages = _SELECTED["normalise_pages"]
 localise_pages = _SELECTED["localise_pages"]
 pack_page_words = _SELECTED["pack_page_words"]
-unpack_page_words = _SELECTED["unpack_page_words"]
-classify_page_types = _SELECTED["classify_page_types"]
 # The simulator's own loops (xenstream.hv.sim.hotpaths): L1 validation, frame lookup, page-type query.
 take_l1_refs = _SELECTED["take_l1_refs"]
 frame_slots = _SELECTED["frame_slots"]
 slot_runs = _SELECTED["slot_runs"]
 page_type_codes = _SELECTED["page_type_codes"]
-legacy_to_page_words = _SELECTED["legacy_to_page_words"]
-pack_legacy_words = _SELECTED["pack_legacy_words"]
 mark_pfns = _SELECTED["mark_pfns"]
 
 __all__ = ["BACKEND", "PYTHON_KERNELS", "load_compiled_kernels", "P2MView", "TranslationError", "TranslationTables", "normalise_pages",
-           "localise_pages", "pack_page_words", "unpack_page_words", "classify_page_types", "take_l1_refs", "frame_slots", "slot_runs", "page_type_codes", "legacy_to_page_words", "pack_legacy_words", "mark_pfns"]
+           "localise_pages", "pack_page_words", "take_l1_refs", "frame_slots", "slot_runs", "page_type_codes", "mark_pfns"]

@@ -33,8 +33,6 @@ LOCALISE_BAD_MFN = 2
 LOCALISE_BAD_LEVEL = 3
 
 PFN_MASK_V2 = 0x000F_FFFF_FFFF_FFFF
-LEGACY_PFN_MASK = 0x0FFF_FFFF
-LEGACY_TYPE_MASK = 0xF000_0000
 _KNOWN_CODES = frozenset(t << abi.PFINFO_LTAB_SHIFT for t in abi.KNOWN_PAGETYPES)
 _DATALESS_CODES = frozenset(t << abi.PFINFO_LTAB_SHIFT for t in abi.PAGETYPES_WITHOUT_DATA)
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -237,65 +235,3 @@ def python_mark_pfns(pfns: Sequence[int], low: int, marks) -> int:
     return len(pfns)
 
 
-def python_classify_page_types(codes: Sequence[int], data_index, levels) -> int:
-    """Which entries of a page-type query carry data, and at which table level.
-
-    For the k-th data-bearing entry: `data_index[k]` = its position, `levels[k]` = 1-4 for a pagetable
-    (pin bit ignored), 0 for NOTAB. Returns how many; raises TranslationError for an unknown code.
-    """
-    count = 0
-    for i, code in enumerate(codes):
-        if code not in _KNOWN_CODES:
-            raise TranslationError(0, f"entry {i}: unknown page type code {code:#x}", i)
-        if code in _DATALESS_CODES:
-            continue
-        data_index[count] = i
-        levels[count] = abi.pagetable_level(code >> abi.PFINFO_LTAB_SHIFT)
-        count += 1
-    return count
-
-
-def python_unpack_page_words(words: Sequence[int], max_pfn: int, pfns_out, types_out) -> int:
-    """Split v2 PAGE_DATA words into pfns and PFINFO codes as Xen's restorer reads them.
-
-    Bits 52-59 are ignored (the restorer masks them off). Raises TranslationError for an unknown type
-    or a pfn above `max_pfn`; returns the data-bearing count.
-    """
-    data = 0
-    for i, word in enumerate(words):
-        pfn = word & PFN_MASK_V2
-        code = (word >> 32) & 0xF000_0000
-        if code not in _KNOWN_CODES:
-            raise TranslationError(0, f"entry {i}: unknown page type {code >> 28:#x}", i)
-        if pfn > max_pfn:
-            raise TranslationError(LOCALISE_PFN_RANGE, f"entry {i}: pfn {pfn:#x} beyond max_pfn {max_pfn:#x}", i)
-        pfns_out[i] = pfn
-        types_out[i] = code
-        data += code not in _DATALESS_CODES
-    return data
-
-
-def python_legacy_to_page_words(legacy: Sequence[int], out) -> int:
-    """v1 pfn_type entries (type bits 28-31, pfn bits 0-27) -> v2 words; returns data-bearing count.
-
-    Raises TranslationError for an unknown type or (64-bit entries) non-zero bits 32-63.
-    """
-    data = 0
-    for i, entry in enumerate(legacy):
-        code = entry & LEGACY_TYPE_MASK
-        if entry >> 32 or code not in _KNOWN_CODES:
-            raise TranslationError(0, f"entry {i}: {entry:#x} is not a v1 pfn_type entry", i)
-        out[i] = (code << 32) | (entry & LEGACY_PFN_MASK)
-        data += code not in _DATALESS_CODES
-    return data
-
-
-def python_pack_legacy_words(pfns: Sequence[int], types: Sequence[int], out) -> int:
-    """v1 pfn_type entries `type | pfn` from pfns (< 2**28) and PFINFO codes; returns data-bearing count."""
-    data = 0
-    for i, (pfn, code) in enumerate(zip(pfns, types)):
-        if code not in _KNOWN_CODES or pfn > LEGACY_PFN_MASK:
-            raise TranslationError(0, f"entry {i}: pfn {pfn:#x} type {code:#x} cannot be a v1 entry", i)
-        out[i] = code | pfn
-        data += code not in _DATALESS_CODES
-    return data

@@ -128,52 +128,6 @@ def test_pack_words_kernel_matches_twin(entries):
     types = array("I", [t for _, t in entries])
     outs = [array("Q", bytes(8 * len(entries))) for _ in range(2)]
     assert _run(PY["pack_page_words"], pfns, types, outs[0]) == _run(CFFI["pack_page_words"], pfns, types, outs[1])
-    legacy = [array("I", bytes(4 * len(entries))), array("I", bytes(4 * len(entries)))]
-    assert _run(PY["pack_legacy_words"], pfns, types, legacy[0]) == \
-        _run(CFFI["pack_legacy_words"], pfns, types, legacy[1])
-
-
-@needs_cffi
-@SETTINGS
-@given(st.lists(st.integers(0, (1 << 64) - 1) | st.integers(0, 0xF).map(lambda t: (t << 60) | 5), max_size=40),
-       st.integers(0, 1 << 53))
-def test_unpack_words_kernel_matches_twin(words, max_pfn):
-    words = array("Q", words)
-    outs = [(array("Q", bytes(8 * len(words))), array("I", bytes(4 * len(words)))) for _ in range(2)]
-    assert _run(PY["unpack_page_words"], words, max_pfn, *outs[0]) == \
-        _run(CFFI["unpack_page_words"], words, max_pfn, *outs[1])
-
-
-@needs_cffi
-@SETTINGS
-@given(st.lists(st.integers(0, 0xFFFF_FFFF) | st.integers(0, (1 << 64) - 1), max_size=40), st.sampled_from("IQ"))
-def test_legacy_words_kernel_matches_twin(entries, typecode):
-    if typecode == "I":
-        entries = [e & 0xFFFF_FFFF for e in entries]
-    legacy = array(typecode, entries)
-    outs = [array("Q", bytes(8 * len(entries))) for _ in range(2)]
-    assert _run(PY["legacy_to_page_words"], legacy, outs[0]) == _run(CFFI["legacy_to_page_words"], legacy, outs[1])
-
-
-@needs_cffi
-@SETTINGS
-@given(st.lists(TYPE_CODES | st.sampled_from([0, 0x9000_0000, 0xF000_0000, 0xD000_0000, 0x1000_0000]), max_size=60))
-def test_classify_kernel_matches_twin(codes):
-    codes = array("I", codes)
-    outs = [(array("I", bytes(4 * len(codes))), bytearray(len(codes))) for _ in range(2)]
-    assert _run(PY["classify_page_types"], codes, *outs[0]) == _run(CFFI["classify_page_types"], codes, *outs[1])
-    assert outs[0] == outs[1]
-
-
-def test_classify_values():
-    codes = array("I", [abi.PFINFO_NOTAB, abi.PFINFO_XTAB, (abi.PAGETYPE_L3TAB | abi.PAGETYPE_LPINTAB) << 28,
-                        abi.PFINFO_BROKEN, abi.PAGETYPE_L1TAB << 28, abi.PFINFO_XALLOC])
-    index, levels = array("I", bytes(24)), bytearray(6)
-    assert kernels.classify_page_types(codes, index, levels) == 3
-    assert list(index[:3]) == [0, 2, 4] and list(levels[:3]) == [0, 3, 1]
-    with pytest.raises(TranslationError) as info:
-        kernels.classify_page_types(array("I", [0, 0x6000_0000]), index, levels)
-    assert info.value.index == 1
 
 
 def test_word_translation_values():
@@ -182,17 +136,6 @@ def test_word_translation_values():
     out = array("Q", bytes(24))
     assert kernels.pack_page_words(pfns, types, out) == 2
     assert list(out) == [5, (0xF << 60) | 0x0FFF_FFFF, (0xA << 60) | 9]
-    back_pfns, back_types = array("Q", bytes(24)), array("I", bytes(12))
-    assert kernels.unpack_page_words(out, 0x0FFF_FFFF, back_pfns, back_types) == 2
-    assert back_pfns == pfns and back_types == types
-    with pytest.raises(TranslationError) as info:
-        kernels.unpack_page_words(out, 8, back_pfns, back_types)
-    assert info.value.index == 1
-    legacy = array("I", bytes(12))
-    assert kernels.pack_legacy_words(pfns, types, legacy) == 2
-    assert list(legacy) == [5, 0xFFFF_FFFF, 0xA000_0009]
-    again = array("Q", bytes(24))
-    assert kernels.legacy_to_page_words(legacy, again) == 2 and again == out
     with pytest.raises(TranslationError) as info:
         kernels.pack_page_words(array("Q", [1, 2]), array("I", [0, 0x5000_0000]), out)
     assert info.value.index == 1

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import attrs
 
 from xenstream.hv import abi, kernels
-from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call
+from xenstream.hv.guestview import GuestStateError, PvGuestView, hypervisor_call, shadow_off_afterwards
 from xenstream.hv.interface import Hypervisor
 from xenstream.hv.lazylog import get_logger
 from xenstream.hv.pagetables import NORMALISE_OK, xen_slot_range
@@ -81,6 +81,15 @@ def policy_records(hv: Hypervisor, domid: int) -> list[tuple[int, bytes]]:
     return [(record_type, bytes(body)) for record_type, body in candidates if body]
 
 
+def require_known(codes, present: set[int], first: int, unit: str) -> None:
+    """SaveError naming the first of `codes` (the page-type answer for `unit`s first.., `present` the set of
+    them) that is not a known page type; the PV and HVM savers both refuse to guess at one."""
+    unknown = present - _KNOWN_CODES
+    if unknown:
+        i = next(i for i, code in enumerate(codes) if code in unknown)
+        raise SaveError(f"unknown page type {codes[i]:#x} for {unit} {first + i:#x}")
+
+
 def _first_bad_entry(view: PvGuestView, level: int, page: memoryview) -> str:
     """Why a pagetable page failed normalisation, naming the first offending entry (slow path, errors only)."""
     if view.levels == 3 and level == 4:
@@ -129,10 +138,7 @@ def stream_codes(view: PvGuestView, first_pfn: int, count: int):
     gfns = view.gfns(first_pfn, count)
     codes = hypervisor_call(f"page-type query of pfns {first_pfn:#x}+{count}", hv.get_page_types, domid, gfns)
     present = set(codes)
-    unknown = present - _KNOWN_CODES
-    if unknown:
-        i = next(i for i, code in enumerate(codes) if code in unknown)
-        raise SaveError(f"unknown page type {codes[i]:#x} for pfn {first_pfn + i:#x}")
+    require_known(codes, present, first_pfn, "pfn")
     if present.isdisjoint(_DATALESS_CODES):
         data_index = range(count)
         data_gfns = gfns
@@ -339,10 +345,5 @@ def save_pv(hv: Hypervisor, domid: int, writer: V2Writer, suspend: Callable[[], 
     With `payload_fd` (the fd the writer writes to), page payloads go out with writev straight from
     guest memory instead of through the writer.
     """
-    try:
+    with shadow_off_afterwards(hv, domid, log, "shadow off failed during save cleanup"):
         return _PvSaver(hv, domid, writer, suspend, payload_fd).run()
-    finally:
-        try:
-            hv.shadow_off(domid)
-        except Exception as exc:  # cleanup must not hide the first error
-            log.warning("shadow off failed during save cleanup", domid=domid, error=str(exc))

@@ -30,20 +30,25 @@ import attrs
 
 from xenstream.hv import abi, hvm_params
 from xenstream.hv.emulator import EmulatorState
-from xenstream.hv.guestview import hypervisor_call
+from xenstream.hv.guestview import hypervisor_call, shadow_off_afterwards
 from xenstream.hv.interface import Hypervisor
 from xenstream.hv.lazylog import get_logger
 from xenstream.hv.u64runs import consecutive
 from xenstream.v2 import constants as C
 from xenstream.v2.libxl_records import EmulatorContext, EmulatorXenstoreData, LibxcContext, LibxlEnd
 from xenstream.v2.records import DomainHeader, End, HvmContext, HvmParams, ImageHeader, StaticDataEnd, X86TscInfo
-from xenstream.v2.save import STREAM_VERSION, EngineSaver, SaveError, policy_records
+from xenstream.v2.save import (
+    _DATALESS_CODES,
+    STREAM_VERSION,
+    EngineSaver,
+    SaveError,
+    policy_records,
+    require_known,
+)
 
 log = get_logger(__name__)
 
 _TYPE_SHIFT = C.PFN_TYPE_SHIFT
-_KNOWN_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.KNOWN_PAGETYPES)
-_DATALESS_CODES = frozenset(abi.pfinfo_from_pagetype(t) for t in abi.PAGETYPES_WITHOUT_DATA)
 _NOTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_NOTAB)
 _XTAB = abi.pfinfo_from_pagetype(abi.PAGETYPE_XTAB)
 _XTAB_WORD = abi.PAGETYPE_XTAB << _TYPE_SHIFT
@@ -153,10 +158,7 @@ class _HvmSaver(EngineSaver):
             gfns = range(first, min(first + abi.MAX_BATCH_SIZE, p2m_size))
             codes = hypervisor_call(f"page-type query of gfns {first:#x}+{len(gfns)}", hv.get_page_types, domid, gfns)
             present = code_set(codes)
-            unknown = present - _KNOWN_CODES
-            if unknown:
-                i = next(i for i, code in enumerate(codes) if code in unknown)
-                raise SaveError(f"unknown page type {codes[i]:#x} for gfn {first + i:#x}")
+            require_known(codes, present, first, "gfn")
             head = page_data_head(first, codes, present)
             if present <= _DATALESS_CODES:
                 self.writer.write(head)
@@ -207,12 +209,9 @@ def save_hvm(hv: Hypervisor, domid: int, writer, suspend: Callable[[], bool], *,
     With `payload_fd` (the fd the writer writes to), page payloads go out with writev straight from
     guest memory instead of through the writer."""
     try:
-        return _HvmSaver(hv, domid, writer, suspend, qemu_logdirty, payload_fd).run()
-    finally:
-        try:
-            hv.shadow_off(domid)
-        except Exception as exc:  # cleanup must not hide the first error
-            log.warning("shadow off failed during save cleanup", domid=domid, error=str(exc))
+        with shadow_off_afterwards(hv, domid, log, "shadow off failed during save cleanup"):
+            return _HvmSaver(hv, domid, writer, suspend, qemu_logdirty, payload_fd).run()
+    finally:  # after log-dirty is off, as before
         if qemu_logdirty is not None:
             qemu_logdirty(False)
 

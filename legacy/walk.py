@@ -553,6 +553,8 @@ class Walker:
         (length,) = _U32.unpack((yield Read(4, "the HVM context length")))
         if length > c.MAX_HVM_CONTEXT:
             raise MalformedStream(f"HVM context of {length} bytes is beyond sane bounds", at)
+        if not length:  # Xen's hvm_load refuses a context without even its header record
+            raise MalformedStream("HVM context is empty", at)
         data = bytes((yield Read(length, "the HVM context")))
         yield HvmContext(data, offset=at)
 

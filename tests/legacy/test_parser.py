@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tests.legacy import handbuilt as hb
 from xenstream.legacy import events as ev
-from xenstream.legacy.errors import TruncatedStream
+from xenstream.legacy.errors import MalformedStream, TruncatedStream
 from xenstream.legacy.parser import DONE, NEED_DATA, LegacyParser, parse_bytes
 from xenstream.legacy.toolstack import decode_libxl_toolstack, encode_libxl_toolstack
 
@@ -163,6 +163,18 @@ def test_device_model_record_optional_for_a_bare_libxc_stream(last):
         parse_bytes(bare)  # required by default
     with_record = parse_bytes(s.bytes(), device_model_optional=True)  # a record present is still read
     assert kinds(with_record)[-5:] == kinds(parse_bytes(s.bytes()))[-5:]
+
+
+@pytest.mark.parametrize("device_model_optional", [False, True])
+def test_empty_hvm_context_is_refused_at_its_length(device_model_optional):
+    s = hb.minimal_hvm()
+    data = s.bytes()
+    length_at = s.marks["dm"] - 4 - len(b"HVMCTX")  # hb's hvm_tail: u32 length, then the context
+    assert data[length_at:s.marks["dm"]] == struct.pack("<I", 6) + b"HVMCTX"
+    empty = data[:length_at] + struct.pack("<I", 0) + data[s.marks["dm"]:]
+    with pytest.raises(MalformedStream, match="HVM context is empty") as caught:
+        parse_bytes(empty, device_model_optional=device_model_optional)
+    assert caught.value.offset == length_at
 
 
 def test_large_device_model_state_comes_in_fixed_pieces():

@@ -152,7 +152,13 @@ def _has_invalid(p2m: array, low: int, high: int) -> bool:
     return b"\xff" in memoryview(p2m)[low:high].cast("B")[_TOP_BYTE::8].tobytes()
 
 
-class PvRestorer:
+class EngineRestorer:
+    """What the PV and HVM restorers share: the domain and its rings' event channels, the stream reader,
+    the driving (feed / run_fd), hypervisor calls that fail as stream errors at the record being applied,
+    and the per-stream state every engine keeps. `expect_hvm` is the domain kind the engine restores."""
+
+    expect_hvm = False
+
     def __init__(self, hv: Hypervisor, domid: int, *, store_evtchn: int = 0, console_evtchn: int = 0,
                  store_domid: int = 0, console_domid: int = 0, strict: bool = False, payload: str = "views") -> None:
         self.hv = hv
@@ -164,20 +170,56 @@ class PvRestorer:
         self._reader = V2Reader(layer="auto", payload=payload, strict=strict)
         self._passthrough = payload == "passthrough"
         self._offset = 0
-        self._done: RestoreResult | None = None
         self._ended = False
+        self._version = 0
+        self._static_data_end = False
+        self._verify = False
+        self._positional: positional_fill.PositionalFill | None = None  # payload readers while run_fd reads a file
+        self._page_record_offset = 0
+        self.pages_written = 0
+        self.pages_populated = 0
+        self.verify_mismatches = 0
+        self._info = self._call("get domain info", hv.get_domain_info, domid)
+        if self._info.is_hvm != self.expect_hvm:
+            kind, wanted = ("HVM", "PV") if self._info.is_hvm else ("PV", "HVM")
+            raise UnsupportedStream(f"domain {domid} is {kind}; this engine restores {wanted} streams", 0)
 
-        info = self._call("get domain info", hv.get_domain_info, domid)
-        if info.is_hvm:
-            raise UnsupportedStream(f"domain {domid} is HVM; this engine restores PV streams", 0)
-        self._info = info
+    def feed(self, data) -> None:
+        """Feed stream bytes (b"" = end of input) and apply every record they complete (in passthrough
+        mode payload bytes fed here are copied into the guest's frames as they come)."""
+        self._reader.feed(data)
+        self._drain()
+
+    def run_fd(self, fd: int, initial: bytes = b""):
+        """Read the whole stream from `fd` (after `initial`, bytes already read from it) and finish.
+
+        Passthrough mode: PAGE_DATA payloads go from the fd straight into the guest's frames (by worker
+        threads for a regular file, see positional_fill), the rest through the reader."""
+        positional_fill.run_fd(self, fd, initial)
+        return self.finish()
+
+    def _call(self, what: str, call, *args):
+        try:
+            return call(*args)
+        except HypervisorError as exc:
+            raise MalformedStream(f"{what} refused by the hypervisor: {exc}", self._offset) from exc
+
+    def _infer_static_data_end(self) -> None:
+        if self._version == 2 and not self._static_data_end:
+            self._static_data_end = True
+            log.info("v2 stream: STATIC_DATA_END inferred; CPUID and MSR policy missing")
+
+
+class PvRestorer(EngineRestorer):
+    def __init__(self, hv: Hypervisor, domid: int, **options) -> None:
+        super().__init__(hv, domid, **options)
+        self._done: RestoreResult | None = None
+        info = self._info
         self._width = abi.WIDTH_FOR_ADDRESS_BITS[self._call("get address size", hv.get_address_size, domid)]
         self._levels = abi.LEVELS_FOR_WIDTH[self._width]
         self._max_mfn = hv.get_max_mfn()
         self._m2p = hv.m2p_view()
 
-        self._version = 0
-        self._static_data_end = False
         self._pv_info = False
         self._max_pfn = -1  # no X86_PV_P2M_FRAMES yet
         self._p2m = array("Q")
@@ -186,26 +228,14 @@ class PvRestorer:
         self._policy_cpuid = b""
         self._policy_msrs = b""
         self._vcpus = [_VcpuState() for _ in range(info.max_vcpu_id + 1)]
-        self._verify = False
-        self._positional: positional_fill.PositionalFill | None = None  # payload readers while run_fd reads a file
         self._tables: TranslationTables | None = None
         # The data pages of the current PAGE_DATA awaiting their payload: parallel pfns, types, guest frames.
         self._pending = _NO_PENDING
         self._pending_next = 0
         self._scratch: memoryview | None = None
         self._sink: _PayloadSink | None = None
-        self._page_record_offset = 0
-        self.pages_written = 0
-        self.pages_populated = 0
-        self.verify_mismatches = 0
 
     # ------------------------------------------------------------------ driving
-
-    def feed(self, data) -> None:
-        """Feed stream bytes (b"" = end of input) and apply every record they complete (in passthrough
-        mode payload bytes fed here are copied into the guest's frames as they come)."""
-        self._reader.feed(data)
-        self._drain()
 
     @property
     def payload_remaining(self) -> int:
@@ -226,15 +256,6 @@ class PvRestorer:
         if not reader.payload_remaining:
             self._sink_complete()
             self._drain()
-
-    def run_fd(self, fd: int, initial: bytes = b"") -> RestoreResult:
-        """Read the whole stream from `fd` (after `initial`, bytes already read from it) and finish.
-
-        Passthrough mode: record heads are read in small pieces, and PAGE_DATA payloads go from the fd
-        straight into the guest's frames with readv (pagetables through a scratch page to be localised).
-        """
-        positional_fill.run_fd(self, fd, initial)
-        return self.finish()
 
     def _submit_payload(self, fill: positional_fill.PositionalFill, position: int) -> int:
         """run_positional: the rest of the pending payload, at `position` of the file, to the fill's workers."""
@@ -322,12 +343,6 @@ class PvRestorer:
         self._pending = _NO_PENDING
         self._sink = None
 
-    def _call(self, what: str, call, *args):
-        try:
-            return call(*args)
-        except HypervisorError as exc:
-            raise MalformedStream(f"{what} refused by the hypervisor: {exc}", self._offset) from exc
-
     def _apply(self, event: LibxcRecord) -> None:
         if self._done is not None:
             raise MalformedStream(f"record type {event.type:#x} after END", event.offset)
@@ -361,11 +376,6 @@ class PvRestorer:
             self._width, self._levels = width, abi.LEVELS_FOR_WIDTH[width]
         _require(self._levels == body.pt_levels, f"domain has {self._levels} levels, stream {body.pt_levels}")
         self._pv_info = True
-
-    def _infer_static_data_end(self) -> None:
-        if self._version == 2 and not self._static_data_end:
-            self._static_data_end = True
-            log.info("v2 stream: STATIC_DATA_END inferred; CPUID and MSR policy missing")
 
     def _static_data_end_record(self, body) -> None:
         _require(not self._static_data_end, "STATIC_DATA_END already received")

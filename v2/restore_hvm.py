@@ -34,9 +34,8 @@ from xenstream.v2 import constants as C
 from xenstream.v2 import positional_fill
 from xenstream.v2.errors import MalformedStream, TruncatedStream, UnsupportedStream
 from xenstream.v2.events import NEED_DATA, EndOfStream, Header, LibxcRecord, LibxlRecord, PagePayload, SkippedRecord
-from xenstream.v2.reader import V2Reader
 from xenstream.v2.records import DomainHeader, ImageHeader, libxc_record_name
-from xenstream.v2.restore import ToolstackHypervisor, restore_into_new_domain, scatter_copy
+from xenstream.v2.restore import EngineRestorer, ToolstackHypervisor, restore_into_new_domain, scatter_copy
 
 log = get_logger(__name__)
 
@@ -114,23 +113,11 @@ def _chunk_pieces(first: int, count: int):
         gfn += high - low
 
 
-class HvmRestorer:
-    def __init__(self, hv, domid: int, *, store_evtchn: int = 0, console_evtchn: int = 0, store_domid: int = 0,
-                 console_domid: int = 0, strict: bool = False, payload: str = "views") -> None:
-        self.hv = hv
-        self.domid = domid
-        self.store_evtchn = store_evtchn
-        self.console_evtchn = console_evtchn
-        self.store_domid = store_domid
-        self.console_domid = console_domid
-        self._reader = V2Reader(layer="auto", payload=payload, strict=strict)
-        self._passthrough = payload == "passthrough"
-        self._offset = 0
-        info = self._call("get domain info", hv.get_domain_info, domid)
-        if not info.is_hvm:
-            raise UnsupportedStream(f"domain {domid} is PV; this engine restores HVM streams", 0)
-        self._version = 0
-        self._static_data_end = False
+class HvmRestorer(EngineRestorer):
+    expect_hvm = True
+
+    def __init__(self, hv, domid: int, **options) -> None:
+        super().__init__(hv, domid, **options)
         self._policy = [b"", b""]
         self._context: bytes | None = None
         self._params: list[tuple[int, int]] = []
@@ -141,30 +128,13 @@ class HvmRestorer:
         self._target_index = 0  # where the next payload byte goes: targets[index][within]
         self._target_within = 0
         self._payload_left = 0  # payload bytes of the pending PAGE_DATA not received yet
-        self._page_record_offset = 0
-        self._verify = False
-        self._positional: positional_fill.PositionalFill | None = None  # payload readers while run_fd reads a file
         self._span = (0, 0)  # lowest and highest gfn of the pending payload
         self._libxc_done = False
-        self._ended = False
         self._emulator_id: int | None = None
         self._emulator_context: bytes | None = None
         self._xenstore: tuple[tuple[bytes, bytes], ...] = ()
-        self.pages_written = 0
-        self.pages_populated = 0
-        self.verify_mismatches = 0
 
     # ------------------------------------------------------------------ driving
-
-    def feed(self, data) -> None:
-        """Feed stream bytes (b"" = end of input) and apply every record they complete (views mode)."""
-        self._reader.feed(data)
-        self._drain()
-
-    def run_fd(self, fd: int, initial: bytes = b"") -> HvmRestoreResult:
-        """Passthrough mode: read the stream from `fd`, page payloads straight into guest frames with readv."""
-        positional_fill.run_fd(self, fd, initial)
-        return self.finish()
 
     def _drain(self) -> bool:
         reader = self._reader
@@ -194,12 +164,6 @@ class HvmRestorer:
 
     def close(self) -> None:
         self._targets = []
-
-    def _call(self, what: str, call, *args):
-        try:
-            return call(*args)
-        except HypervisorError as exc:
-            raise MalformedStream(f"{what} refused by the hypervisor: {exc}", self._offset) from exc
 
     # ------------------------------------------------------------------ events
 
@@ -236,11 +200,6 @@ class HvmRestorer:
             handler(self, event)
 
     # ------------------------------------------------------------------ libxc records
-
-    def _infer_static_data_end(self) -> None:
-        if self._version == 2 and not self._static_data_end:
-            self._static_data_end = True
-            log.info("v2 stream: STATIC_DATA_END inferred; CPUID and MSR policy missing")
 
     def _static_data_end_record(self, body) -> None:
         if self._static_data_end:
